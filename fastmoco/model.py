@@ -1,0 +1,143 @@
+"""MoCo: a query encoder trained by SGD, its momentum copy as key encoder, a queue of negatives."""
+from __future__ import annotations
+
+import copy
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmoco.backbone import create_backbone, feature_dim, has_batchnorm
+from fastmoco.batchnorm import convert_split_bn_, resolve_shuffle_bn
+from fastmoco.distributed import (
+    batch_shuffle, batch_unshuffle, concat_all_gather, get_rank, get_world_size,
+)
+from fastmoco.heads import bn_mlp, projection_head
+from fastmoco.kernels import ema_update_, infonce_inbatch_loss, infonce_loss
+
+try:  # TEMPORARY until kernels/ema.py lands
+    from fastmoco.kernels import flatten_parameters_
+except ImportError:
+    def flatten_parameters_(module):
+        return []
+from fastmoco.queue import KeyQueue
+
+
+class MoCoOutput(NamedTuple):
+    loss: torch.Tensor  # scalar, carries the gradient
+    accuracy: torch.Tensor  # pretext top-1 in percent, no gradient
+    keys: torch.Tensor  # this step's keys of all processes, to enqueue after backward
+
+
+class MoCo(nn.Module):
+    """Momentum Contrast (He et al., 2020), v1/v2 with a queue and v3 with in-batch keys.
+
+    `forward(x_q, x_k)` runs Algorithm 1 up to the loss: momentum update, queries, keys
+    (shuffle BN), InfoNCE over [k+, queue]/T. The caller enqueues `output.keys` after backward
+    (`enqueue`), so the loss may keep a reference to the queue instead of copying it.
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module,
+        *,
+        version: str = "v2",
+        dim: int = 128,
+        queue_size: int = 65536,
+        momentum: float = 0.999,
+        temperature: float = 0.2,
+        shuffle_bn: str = "auto",
+        bn_splits: int = 8,
+        mlp_hidden: int | None = None,
+        symmetric: bool = False,
+        cifar_stem: bool = False,
+        backbone_kwargs: dict[str, Any] | None = None,
+        loss_backend: str = "auto",
+        ema_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if version not in ("v1", "v2", "v3"):
+            raise ValueError(f"unknown MoCo version {version!r}: choose v1, v2 or v3")
+        if isinstance(backbone, str):
+            backbone = create_backbone(backbone, cifar_stem=cifar_stem, **(backbone_kwargs or {}))
+        self.version = version
+        self.momentum = momentum
+        self.temperature = temperature
+        self.symmetric = symmetric or version == "v3"
+        self.loss_backend = loss_backend
+        self.ema_backend = ema_backend
+        self.shuffle_bn = resolve_shuffle_bn(shuffle_bn, get_world_size(), has_batchnorm(backbone))
+        if self.shuffle_bn == "split":
+            convert_split_bn_(backbone, bn_splits)
+        elif self.shuffle_bn == "sync":
+            backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
+
+        head = projection_head(version, feature_dim(backbone), dim, mlp_hidden)
+        self.query_encoder = nn.Sequential(backbone, head)
+        self.key_encoder = copy.deepcopy(self.query_encoder)
+        self.key_encoder.requires_grad_(False)
+        # v3 puts a predictor on the query side only.
+        self.predictor = bn_mlp(dim, dim, mlp_hidden or 4096, layers=2) if version == "v3" else None
+        self.queue = KeyQueue(queue_size, dim) if version != "v3" else None
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The query encoder's backbone: what is kept after pretraining."""
+        return self.query_encoder[0]
+
+    def prepare_ema(self) -> None:
+        """Call once the model sits on its device and memory format: both encoders' parameters
+        become views into one flat buffer each, so the momentum update is a single operation."""
+        flatten_parameters_(self.query_encoder)
+        flatten_parameters_(self.key_encoder)
+
+    @torch.no_grad()
+    def momentum_update(self, momentum: float) -> None:
+        """θ_k ← m·θ_k + (1−m)·θ_q over the parameters; the key encoder's BN buffers stay its own."""
+        ema_update_(self.key_encoder, self.query_encoder, momentum, backend=self.ema_backend)
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.query_encoder(x)  # N×C
+        if self.predictor is not None:
+            q = self.predictor(q)
+        return F.normalize(q.float(), dim=1)
+
+    @torch.no_grad()
+    def _key(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shuffle_bn in ("ddp", "split"):
+            x, idx_unshuffle = batch_shuffle(x)
+            k = F.normalize(self.key_encoder(x).float(), dim=1)  # N×C
+            return batch_unshuffle(k, idx_unshuffle)
+        return F.normalize(self.key_encoder(x).float(), dim=1)
+
+    def _contrast(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.queue is None:  # v3: in-batch keys of all processes, scaled by 2T as in the paper
+            keys = concat_all_gather(k)
+            loss, acc = infonce_inbatch_loss(
+                q, keys, self.temperature, offset=get_rank() * q.shape[0], backend=self.loss_backend
+            )
+            return loss * (2.0 * self.temperature), acc
+        return infonce_loss(q, k, self.queue.keys, self.temperature, backend=self.loss_backend)
+
+    def forward(
+        self, x_q: torch.Tensor, x_k: torch.Tensor, momentum: float | None = None
+    ) -> MoCoOutput:
+        """x_q, x_k: two augmented views, N×3×H×W. Returns loss, top-1 and the keys to enqueue."""
+        self.momentum_update(self.momentum if momentum is None else momentum)
+        q = self._query(x_q)  # N×C
+        k = self._key(x_k)  # N×C, no gradient
+        if not self.symmetric:
+            loss, acc = self._contrast(q, k)
+            return MoCoOutput(loss, acc, concat_all_gather(k))
+        q2, k2 = self._query(x_k), self._key(x_q)  # the views swap roles
+        loss1, acc1 = self._contrast(q, k)
+        loss2, acc2 = self._contrast(q2, k2)
+        keys = concat_all_gather(torch.cat([k, k2], dim=0))
+        return MoCoOutput(loss1 + loss2, (acc1 + acc2) / 2, keys)
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Algorithm 1's last line: the newest keys replace the oldest in the queue."""
+        if self.queue is not None:
+            self.queue.enqueue(keys)

@@ -1,0 +1,35 @@
+"""Schedules as pure functions of the step: the key encoder's momentum and the learning rate."""
+from __future__ import annotations
+
+import math
+
+
+def momentum_at(step: int, total_steps: int, base: float, schedule: str = "constant") -> float:
+    """m for this step: constant (v1/v2) or cosine from `base` to 1 (v3)."""
+    if schedule == "constant":
+        return base
+    if schedule == "cosine":
+        return 1.0 - (1.0 - base) * (math.cos(math.pi * step / max(1, total_steps)) + 1.0) / 2.0
+    raise ValueError(f"unknown momentum schedule {schedule!r}: choose constant or cosine")
+
+
+def lr_at(
+    step: int,
+    total_steps: int,
+    base_lr: float,
+    schedule: str = "cosine",
+    warmup_steps: int = 0,
+    milestones: tuple[float, ...] = (0.6, 0.8),
+) -> float:
+    """Learning rate for this step: linear warm-up, then cosine, step (×0.1 at milestones) or constant."""
+    if warmup_steps and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "step":
+        drops = sum(step >= m * total_steps for m in milestones)
+        return base_lr * 0.1**drops
+    if schedule == "constant":
+        return base_lr
+    raise ValueError(f"unknown lr schedule {schedule!r}: choose cosine, step or constant")

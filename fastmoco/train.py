@@ -1,0 +1,356 @@
+"""The training loop, top to bottom: build, resume, then per step set lr and m, forward,
+backward, optimizer step, enqueue; log on rank 0; checkpoint everything the next step needs."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastmoco import checkpoint as ckpt
+from fastmoco.config import TrainConfig
+from fastmoco.data import build_knn_loaders, build_pretrain_loader
+from fastmoco.device import autocast, grad_scaler, resolve_device, resolve_precision
+from fastmoco.distributed import get_world_size, init_from_env, is_distributed
+from fastmoco.knn import knn_accuracy
+from fastmoco.model import MoCo, MoCoOutput
+from fastmoco.momentum import lr_at, momentum_at
+from fastmoco.optim import build_optimizer, set_lr
+
+log = logging.getLogger("fastmoco")
+
+
+def build_model(cfg: TrainConfig, device: torch.device, channels_last: bool) -> MoCo:
+    """MoCo on `device`, in channels-last memory when asked, as the config describes."""
+    m = cfg.method
+    model = MoCo(
+        cfg.backbone.name, version=m.version, dim=m.dim, queue_size=m.queue_size,
+        momentum=m.momentum, temperature=m.temperature, shuffle_bn=m.shuffle_bn,
+        bn_splits=m.bn_splits, mlp_hidden=m.mlp_hidden, symmetric=m.symmetric,
+        cifar_stem=cfg.backbone.cifar_stem, backbone_kwargs=dict(cfg.backbone.kwargs),
+        loss_backend=cfg.run.loss_backend, ema_backend=cfg.run.ema_backend,
+    )
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.prepare_ema()
+    return model
+
+
+def train_step(
+    model: nn.Module, moco: MoCo, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    x_q: torch.Tensor, x_k: torch.Tensor, lr: float, momentum: float,
+    device: torch.device, dtype: torch.dtype,
+) -> MoCoOutput:
+    """One step of Algorithm 1. `model` may be the DDP wrapper of `moco`."""
+    set_lr(optimizer, lr)
+    with autocast(device, dtype):
+        out = model(x_q, x_k, momentum=momentum)  # EMA, queries, keys, InfoNCE
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(out.loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    moco.enqueue(out.keys)  # after backward: the loss may hold the queue for its gradient
+    return out
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    batch_in_epoch: int = 0  # batches of `epoch` already trained (mid-epoch checkpoints)
+    knn: dict = dataclasses.field(default_factory=dict)  # "init" and per-epoch kNN top-1
+
+
+class _StopFlag:
+    """SIGTERM/SIGUSR1 (SLURM preemption, torchrun elastic restarts) → checkpoint at the next step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+
+def _setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
+
+
+def _gather_rng() -> list[dict[str, Any]]:
+    state = ckpt.rng_state()
+    if not is_distributed():
+        return [state]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, state)
+    return out
+
+
+def _decide_compile(cfg: TrainConfig, total_steps: int) -> bool:
+    choice = cfg.run.compile
+    if choice in ("on", "true", True):
+        return True
+    if choice in ("off", "false", False):
+        return False
+    return total_steps >= cfg.run.compile_min_steps
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Pretrain as `cfg` says; returns a summary (kNN before/after, images/s, steps)."""
+    device = resolve_device(cfg.run.device)
+    rank, world, local_rank = init_from_env(device.type)
+    if device.type == "cuda" and cfg.run.device == "auto":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    _setup_logging(rank)
+    cfg.check(world)
+    dtype = resolve_precision(cfg.run.precision, device)
+    torch.manual_seed(cfg.run.seed + rank)
+    random.seed(cfg.run.seed + rank)
+    run_dir = Path(cfg.run.dir)
+    local_batch = cfg.schedule.batch_size // world
+
+    moco = build_model(cfg, device, cfg.run.channels_last)
+    lr_scale = cfg.schedule.batch_size / cfg.optim.base_batch if cfg.optim.base_batch else 1.0
+    base_lr = cfg.optim.lr * lr_scale
+    optimizer = build_optimizer(moco.parameters(), cfg.optim, base_lr, device)
+    scaler = grad_scaler(device, dtype)
+    loader = build_pretrain_loader(
+        cfg.data, cfg.pipeline, local_batch, device=device, dtype=dtype,
+        channels_last=cfg.run.channels_last, rank=rank, world_size=world, seed=cfg.run.seed,
+    )
+    steps_per_epoch = len(loader)
+    total_steps = cfg.schedule.epochs * steps_per_epoch
+    if cfg.schedule.max_steps is not None:
+        total_steps = min(total_steps, cfg.schedule.max_steps)
+    warmup_steps = int(cfg.schedule.warmup_epochs * steps_per_epoch)
+
+    progress = Progress()
+    latest = ckpt.latest_checkpoint(run_dir) if cfg.run.resume else None
+    if latest is not None:
+        progress = _resume(latest, moco, optimizer, scaler, rank, world, cfg)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", latest, progress.step,
+                 progress.epoch, progress.batch_in_epoch)
+
+    use_compile = _decide_compile(cfg, total_steps - progress.step)
+    log.info("device %s, %s, channels_last=%s, compile=%s (%s), %d process(es), batch %d per process, "
+             "shuffle_bn=%s, %d steps per epoch, %d steps in all",
+             device, str(dtype).removeprefix("torch."), cfg.run.channels_last, use_compile,
+             cfg.run.compile, world, local_batch, moco.shuffle_bn, steps_per_epoch, total_steps)
+    if use_compile:
+        moco.query_encoder.compile()
+        moco.key_encoder.compile()
+
+    model: nn.Module = moco
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            moco, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,  # the queue and key encoder are identical by construction
+        )
+
+    knn_loaders = None
+    if cfg.knn.enabled:
+        knn_loaders = build_knn_loaders(
+            cfg.data, cfg.pipeline, cfg.knn.batch_size, device=device, dtype=dtype,
+            channels_last=cfg.run.channels_last, seed=cfg.run.seed,
+        )
+
+    def run_knn(tag: str) -> Optional[float]:
+        if knn_loaders is None:
+            return None
+        acc = None
+        if rank == 0:
+            encoder = moco.query_encoder if cfg.knn.features == "head" else moco.backbone
+            acc = knn_accuracy(encoder, knn_loaders[0], knn_loaders[1], knn_loaders[2],
+                               device, dtype, cfg.knn.k, cfg.knn.temperature)
+            progress.knn[tag] = acc
+            log.info("kNN top-1 (%s, %s features, k=%d): %.2f%%", tag, cfg.knn.features,
+                     cfg.knn.k, acc)
+        if is_distributed():
+            dist.barrier()
+        return acc
+
+    writer = _Writer(run_dir, cfg) if rank == 0 else None
+    if cfg.knn.at_start and "init" not in progress.knn and progress.step == 0:
+        acc0 = run_knn("init")
+        if writer and acc0 is not None:
+            writer.log({"step": 0, "knn_top1": acc0})
+
+    stop = _StopFlag()
+    state_fn = lambda: _state(moco, optimizer, scaler, progress, cfg, world)
+    images_per_step = cfg.schedule.batch_size
+    bar = _bar(rank, cfg, total_steps, progress.step)
+    window_start, window_steps, ips = time.perf_counter(), 0, float("nan")
+    last = {"loss": float("nan"), "pretext_top1": float("nan")}
+    while progress.step < total_steps and not stop.requested:
+        loader.set_epoch(progress.epoch)
+        skip = progress.batch_in_epoch
+        for i, (x_q, x_k) in enumerate(loader):
+            if i < skip:
+                continue  # resuming mid-epoch: the epoch's order is a function of (seed, epoch)
+            lr = lr_at(progress.step, total_steps, base_lr, cfg.schedule.lr_schedule,
+                       warmup_steps, tuple(cfg.schedule.milestones))
+            m = momentum_at(progress.step, total_steps, cfg.method.momentum,
+                            cfg.method.momentum_schedule)
+            out = train_step(model, moco, optimizer, scaler, x_q, x_k, lr, m, device, dtype)
+            progress.step += 1
+            progress.batch_in_epoch = i + 1
+            window_steps += 1
+            if progress.step % cfg.run.log_every == 0 or progress.step == total_steps:
+                loss, acc = out.loss.item(), out.accuracy.item()  # the only host syncs
+                last.update(loss=loss, pretext_top1=acc)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss is {loss} at step {progress.step}: lower optim.lr, or use "
+                        f"run.precision=fp32 / bf16; the last checkpoint is intact")
+                now = time.perf_counter()
+                ips = window_steps * images_per_step / (now - window_start)
+                window_start, window_steps = now, 0
+                if writer:
+                    writer.log({"step": progress.step, "epoch": progress.epoch, "loss": loss,
+                                "pretext_top1": acc, "lr": lr, "momentum": m,
+                                "images_per_s": ips, "skipped_files": loader.skipped})
+                if bar:
+                    bar.set_postfix(loss=f"{loss:.3f}", top1=f"{acc:.1f}", img_s=f"{ips:.1f}",
+                                    refresh=False)
+            if bar:
+                bar.update(1)
+            if progress.step >= total_steps or stop.requested:
+                break
+        else:  # the epoch ran to its end
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
+            e = progress.epoch
+            if cfg.knn.enabled and e % cfg.knn.every_epochs == 0 and progress.step < total_steps:
+                run_knn(f"epoch_{e}")
+            if e % cfg.run.checkpoint_every_epochs == 0 and progress.step < total_steps:
+                _save(run_dir, progress.step, state_fn, rank, cfg)
+            continue
+        break
+    if bar:
+        bar.close()
+    if stop.requested and progress.step < total_steps:
+        log.warning("stop requested: checkpointing at step %d to resume from", progress.step)
+        _save(run_dir, progress.step, state_fn, rank, cfg)
+        return {"stopped": True, "step": progress.step}
+
+    final_knn = progress.knn.get("final")
+    if "final" not in progress.knn:
+        final_knn = run_knn("final")
+    _save(run_dir, progress.step, state_fn, rank, cfg)
+    if writer and final_knn is not None:
+        writer.log({"step": progress.step, "knn_top1": final_knn})
+    summary = {"step": progress.step, "epochs": progress.epoch, "images_per_s": ips, **last,
+               "knn_init": progress.knn.get("init"), "knn_final": final_knn,
+               "skipped_files": loader.skipped}
+    if writer:
+        writer.log({"summary": summary})
+        writer.close()
+    return summary
+
+
+def _state(moco: MoCo, optimizer, scaler, progress: Progress, cfg: TrainConfig, world: int) -> dict:
+    return {
+        "model": moco.state_dict(),  # both encoders, the queue and its pointer
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "progress": dataclasses.asdict(progress),
+        "rng": _gather_rng(),
+        "world_size": world,
+        "global_batch": cfg.schedule.batch_size,
+        "config": dataclasses.asdict(cfg),
+    }
+
+
+def _save(run_dir: Path, step: int, state_fn, rank: int, cfg: TrainConfig) -> None:
+    state = state_fn()  # every rank takes part in gathering the RNG states
+    if rank == 0:
+        path = ckpt.save_checkpoint(run_dir, step, state, keep=cfg.run.keep_checkpoints)
+        log.info("checkpoint %s", path)
+    if is_distributed():
+        dist.barrier()
+
+
+def _resume(path: Path, moco: MoCo, optimizer, scaler, rank: int, world: int,
+            cfg: TrainConfig) -> Progress:
+    state = ckpt.load_checkpoint(path)
+    if state["global_batch"] != cfg.schedule.batch_size:
+        raise ValueError(
+            f"{path} was trained with global batch {state['global_batch']} but "
+            f"schedule.batch_size={cfg.schedule.batch_size}: keep the global batch to resume "
+            f"(the per-process batch follows from it), or start a new run.dir")
+    moco.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    rngs = state["rng"]
+    if len(rngs) == world:
+        ckpt.set_rng_state(rngs[rank])
+    else:  # a different number of processes: derive fresh per-rank streams from the step
+        log.warning("checkpoint from %d process(es) resumed on %d: RNG streams re-seeded",
+                    len(rngs), world)
+        p = state["progress"]
+        torch.manual_seed(cfg.run.seed + 1000003 * p["step"] + rank)
+        random.seed(cfg.run.seed + 1000003 * p["step"] + rank)
+    return Progress(**state["progress"])
+
+
+class _Writer:
+    """Metrics as JSON lines and TensorBoard scalars (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            log.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
+            self.tb = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not record:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None and "step" in record:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _bar(rank: int, cfg: TrainConfig, total: int, done: int):
+    if rank != 0 or not cfg.run.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc="pretrain", unit="step", dynamic_ncols=True)
+
+
+if __name__ == "__main__":
+    from fastmoco.cli import main
+
+    main(["train", *__import__("sys").argv[1:]])

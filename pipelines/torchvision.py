@@ -1,0 +1,189 @@
+"""Torchvision fallback loader: PIL decode + v2 transforms in workers, normalisation on the device."""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2 as T
+
+from .folder import ImageList, shard_indices
+from .recipes import SOLARIZE_THRESHOLD, TwoViewRecipe, ViewRecipe
+
+log = logging.getLogger(__name__)
+MAX_SUBSTITUTES = 16  # consecutive bad files tolerated before the sample is declared undecodable
+
+
+def view_transform(view: ViewRecipe) -> Callable[[Image.Image], Image.Image]:
+    """PIL -> PIL transform of one view, in MoCo's order: crop, jitter, gray, blur, solarize, flip."""
+    ops: list = [T.RandomResizedCrop(view.size, scale=view.crop_scale, ratio=view.crop_ratio, antialias=True)]
+    if view.jitter_p > 0 and any(view.jitter):
+        ops.append(T.RandomApply([T.ColorJitter(*view.jitter)], p=view.jitter_p))
+    if view.grayscale_p > 0:
+        ops.append(T.RandomGrayscale(p=view.grayscale_p))
+    if view.blur_p > 0:
+        ops.append(T.RandomApply([T.GaussianBlur(view.blur_kernel, sigma=view.blur_sigma)], p=view.blur_p))
+    if view.solarize_p > 0:
+        ops.append(T.RandomSolarize(SOLARIZE_THRESHOLD, p=view.solarize_p))
+    if view.flip_p > 0:
+        ops.append(T.RandomHorizontalFlip(p=view.flip_p))
+    return T.Compose(ops)
+
+
+def eval_transform(size: int) -> Callable[[Image.Image], Image.Image]:
+    """Resize the shorter side to `size`, then center-crop `size` (identity for 32-px CIFAR)."""
+    return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size)])
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode a file to RGB (grayscale, CMYK and palette images are converted)."""
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def to_hwc_uint8(img: Image.Image) -> torch.Tensor:
+    """H×W×3 uint8 tensor; batches of these permute to channels_last NCHW without a copy."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+
+
+class TwoViewDataset(Dataset):
+    """(query, key, bad) per index; a file that fails to decode is replaced by a deterministic
+    substitute and `bad` counts the failures, so batches stay full and the count reaches the loop."""
+
+    def __init__(self, files: Sequence[str], recipe: TwoViewRecipe, seed: int = 0) -> None:
+        self.files = list(files)
+        self.query, self.key = view_transform(recipe.query), view_transform(recipe.key)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        # The augmentation of a sample is a function of (seed, epoch, index) alone, whatever worker
+        # draws it: a run resumed from a checkpoint sees the very same views.
+        torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+        for attempt in range(MAX_SUBSTITUTES):
+            path = self.files[(index + attempt * 7919) % len(self.files)]
+            try:
+                img = load_rgb(path)
+            except Exception as e:  # PIL raises many types for bad data
+                log.warning("skipping undecodable %s (%s: %s)", path, type(e).__name__, e)
+                continue
+            return to_hwc_uint8(self.query(img)), to_hwc_uint8(self.key(img)), attempt
+        raise RuntimeError(f"{MAX_SUBSTITUTES} consecutive files failed to decode near {self.files[index]!r}; "
+                           f"rescan the data with scan_image_folder(..., verify=True)")
+
+
+class EvalDataset(Dataset):
+    """(image, label, ok) per index; ok=False rows are dropped by the loader and counted."""
+
+    def __init__(self, files: Sequence[str], labels: Sequence[int], size: int) -> None:
+        self.files, self.labels, self.size = list(files), list(labels), size
+        self.transform = eval_transform(size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
+        try:
+            return to_hwc_uint8(self.transform(load_rgb(self.files[index]))), self.labels[index], True
+        except Exception as e:
+            log.warning("skipping undecodable %s (%s: %s)", self.files[index], type(e).__name__, e)
+            return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), self.labels[index], False
+
+
+class EpochShardSampler(Sampler[int]):
+    """Per-epoch permutation (seed + epoch), whole global batches only, strided over ranks."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.rank, self.world_size, self.seed = n, batch_size, rank, world_size, seed
+        self.epoch = 0
+        self.length = len(shard_indices(n, batch_size, rank, world_size, seed, 0))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = shard_indices(self.n, self.batch_size, self.rank, self.world_size, self.seed, self.epoch)
+        return iter([(i, self.epoch) for i in order])
+
+
+class DeviceNormalizer:
+    """uint8 N×H×W×3 (pinned) -> normalised N×3×H×W on `device` in `dtype`, channels_last if asked."""
+
+    def __init__(self, mean, std, device: torch.device, dtype: torch.dtype, channels_last: bool) -> None:
+        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = -torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) / std_t
+        self.device, self.dtype, self.channels_last = device, dtype, channels_last
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC storage == channels_last NCHW
+        x = torch.addcmul(self.shift, x.float(), self.scale).to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+
+class TorchvisionTwoViewLoader:
+    """TwoViewLoader over a torch DataLoader; `skipped` counts files replaced after a decode error."""
+
+    def __init__(self, files: ImageList, recipe: TwoViewRecipe, batch_size: int, *, device: torch.device,
+                 dtype: torch.dtype, channels_last: bool, num_workers: int, rank: int, world_size: int,
+                 seed: int) -> None:
+        self.sampler = EpochShardSampler(len(files), batch_size, rank, world_size, seed)
+        pin = torch.device(device).type == "cuda"
+        self.loader = DataLoader(
+            TwoViewDataset(files.files, recipe, seed), batch_size=batch_size, sampler=self.sampler, drop_last=True,
+            num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0,
+            prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator().manual_seed(seed),
+        )
+        self.norm_q = DeviceNormalizer(recipe.query.mean, recipe.query.std, torch.device(device), dtype, channels_last)
+        self.norm_k = DeviceNormalizer(recipe.key.mean, recipe.key.std, torch.device(device), dtype, channels_last)
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.loader.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for q, k, bad in self.loader:
+            n_bad = int(bad.sum())
+            if n_bad:
+                self.skipped += n_bad
+                log.warning("replaced %d undecodable files in this batch (%d so far)", n_bad, self.skipped)
+            yield self.norm_q(q), self.norm_k(k)
+
+
+class TorchvisionEvalLoader:
+    """(x, labels) over rank's strided shard of the whole split; undecodable files dropped and counted."""
+
+    def __init__(self, files: ImageList, size: int, mean, std, batch_size: int, *, device: torch.device,
+                 dtype: torch.dtype, channels_last: bool, num_workers: int, rank: int, world_size: int) -> None:
+        shard = list(range(rank, len(files), world_size))
+        dataset = EvalDataset([files.files[i] for i in shard], [files.labels[i] for i in shard], size)
+        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
+                                 num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
+                                 persistent_workers=num_workers > 0)
+        self.norm = DeviceNormalizer(mean, std, torch.device(device), dtype, channels_last)
+        self.device = torch.device(device)
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, labels, ok in self.loader:
+            if not bool(ok.all()):
+                self.skipped += int((~ok).sum())
+                x, labels = x[ok], labels[ok]
+                if len(x) == 0:
+                    continue
+            yield self.norm(x), labels.to(self.device, non_blocking=True)

@@ -1,0 +1,165 @@
+"""MoCo against a plain-torch re-derivation of the paper's Algorithm 1."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmoco import MoCo
+from fastmoco.batchnorm import SplitBatchNorm2d, convert_split_bn_
+from fastmoco.distributed import batch_shuffle, batch_unshuffle
+from fastmoco.queue import KeyQueue
+
+SMALL = dict(channels=(8, 16, 32, 64))
+
+
+def small_moco(**kw) -> MoCo:
+    args = dict(version="v2", dim=16, queue_size=32, momentum=0.9, temperature=0.2,
+                shuffle_bn="none", cifar_stem=True, backbone_kwargs=SMALL)
+    args.update(kw)
+    return MoCo("resnet18", **args)
+
+
+def test_key_encoder_starts_as_exact_copy_without_gradients():
+    torch.manual_seed(0)
+    model = small_moco()
+    for pq, pk in zip(model.query_encoder.parameters(), model.key_encoder.parameters()):
+        assert torch.equal(pq, pk)
+        assert not pk.requires_grad and pq.requires_grad
+    assert model.queue.keys.shape == (32, 16)
+    torch.testing.assert_close(model.queue.keys.norm(dim=1), torch.ones(32))
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_one_step_matches_algorithm_1(version):
+    """Momentum update, keys, loss over [k+, queue]/T, query gradients, enqueue and pointer."""
+    torch.manual_seed(1)
+    model = small_moco(version=version)
+    n, m, t = 8, 0.9, 0.2
+    # Make the key encoder differ from the query encoder so the momentum update is visible.
+    with torch.no_grad():
+        for p in model.key_encoder.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    f_q, f_k = copy.deepcopy(model.query_encoder), copy.deepcopy(model.key_encoder)
+    queue = model.queue.keys.clone()
+    x_q, x_k = torch.randn(n, 3, 32, 32), torch.randn(n, 3, 32, 32)
+
+    # Algorithm 1, written out in plain torch.
+    with torch.no_grad():
+        for pk, pq in zip(f_k.parameters(), f_q.parameters()):
+            pk.copy_(m * pk + (1 - m) * pq)
+    q = F.normalize(f_q(x_q), dim=1)  # N×C
+    with torch.no_grad():
+        k = F.normalize(f_k(x_k), dim=1)  # N×C
+    l_pos = torch.bmm(q.view(n, 1, -1), k.view(n, -1, 1)).view(n, 1)
+    l_neg = torch.mm(q, queue.T)
+    logits = torch.cat([l_pos, l_neg], dim=1) / t
+    loss_ref = F.cross_entropy(logits, torch.zeros(n, dtype=torch.long))
+    loss_ref.backward()
+    queue_ref = queue.clone()
+    queue_ref[:n] = k
+
+    out = model(x_q, x_k, momentum=m)
+    out.loss.backward()
+    model.enqueue(out.keys)
+
+    torch.testing.assert_close(out.loss, loss_ref, rtol=1e-5, atol=1e-6)
+    acc_ref = (logits.argmax(1) == 0).float().mean() * 100
+    torch.testing.assert_close(out.accuracy, acc_ref)
+    for pk, rk in zip(model.key_encoder.parameters(), f_k.parameters()):
+        torch.testing.assert_close(pk, rk, rtol=1e-6, atol=1e-7)
+    for pq, rq in zip(model.query_encoder.parameters(), f_q.parameters()):
+        torch.testing.assert_close(pq.grad, rq.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model.queue.keys, queue_ref, rtol=1e-5, atol=1e-6)
+    assert int(model.queue.ptr) == n
+    assert all(p.grad is None for p in model.key_encoder.parameters())
+
+
+def test_queue_wraps_around():
+    queue = KeyQueue(size=12, dim=4)
+    batches = [torch.full((4, 4), float(i)) for i in range(1, 5)]
+    for b in batches:
+        queue.enqueue(b)
+    # 4 batches of 4 into 12 rows: the 4th overwrites the 1st.
+    assert int(queue.ptr) == 4
+    assert torch.equal(queue.keys[:4], batches[3])
+    assert torch.equal(queue.keys[4:8], batches[1])
+    assert torch.equal(queue.keys[8:], batches[2])
+
+
+def test_queue_rejects_batch_that_does_not_divide_k():
+    queue = KeyQueue(size=10, dim=4)
+    with pytest.raises(ValueError, match="multiple of the global batch 4"):
+        queue.enqueue(torch.zeros(4, 4))
+
+
+def test_split_bn_equals_bn_per_interleaved_sub_batch():
+    torch.manual_seed(0)
+    bn = SplitBatchNorm2d(6, num_splits=4)
+    x = torch.randn(16, 6, 5, 5)
+    y = bn(x)
+    for s in range(4):
+        sub = x[s::4]
+        ref = (sub - sub.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
+            sub.var((0, 2, 3), unbiased=False, keepdim=True) + bn.eps)
+        torch.testing.assert_close(y[s::4], ref, rtol=1e-4, atol=1e-5)
+    # Running stats: the mean over sub-batches of the usual update.
+    exp_mean = 0.1 * torch.stack([x[s::4].mean((0, 2, 3)) for s in range(4)]).mean(0)
+    torch.testing.assert_close(bn.running_mean, exp_mean, rtol=1e-4, atol=1e-6)
+    bn.eval()
+    torch.testing.assert_close(bn(x), F.batch_norm(x, bn.running_mean, bn.running_var,
+                                                   bn.weight, bn.bias, False, 0.0, bn.eps))
+
+
+def test_split_bn_keeps_channels_last():
+    bn = SplitBatchNorm2d(4, num_splits=2)
+    x = torch.randn(4, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    assert bn(x).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_convert_split_bn_replaces_only_plain_batchnorm():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4)))
+    convert_split_bn_(net, 2)
+    assert isinstance(net[1], SplitBatchNorm2d) and isinstance(net[2][0], SplitBatchNorm2d)
+
+
+def test_single_process_shuffle_roundtrip():
+    x = torch.arange(10.0).view(10, 1)
+    shuffled, idx = batch_shuffle(x)
+    assert sorted(shuffled.view(-1).tolist()) == x.view(-1).tolist()
+    torch.testing.assert_close(batch_unshuffle(shuffled, idx), x)
+
+
+def test_split_bn_default_in_one_process_and_trains():
+    torch.manual_seed(0)
+    model = small_moco(shuffle_bn="auto", bn_splits=4)
+    assert model.shuffle_bn == "split"
+    out = model(torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("version", ["v1", "v3"])
+def test_symmetric_and_v3_steps(version):
+    torch.manual_seed(0)
+    model = small_moco(version=version, symmetric=True, mlp_hidden=32)
+    out = model(torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert out.keys.shape == (16, 16)
+    if version == "v3":
+        assert model.queue is None and model.predictor is not None
+        assert model.predictor[0].weight.grad is not None
+
+
+def test_unknown_backbone_names_the_fix():
+    with pytest.raises(ValueError, match="unknown timm backbone 'resnet19'.*timm.list_models"):
+        MoCo("resnet19")
+
+
+def test_module_backbone_without_num_features_is_a_clear_error():
+    with pytest.raises(ValueError, match="num_features"):
+        MoCo(nn.Conv2d(3, 4, 3), queue_size=16)

@@ -1,0 +1,134 @@
+"""The loop end to end on a few steps: CLI, metrics, checkpoints, exact resume, config errors."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from fastmoco.checkpoint import list_checkpoints, load_checkpoint
+from fastmoco.config import TrainConfig, from_hydra
+from fastmoco.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["backbone=resnet18_cifar", "+backbone.kwargs.channels=[8,16,32,64]", "pipeline=torchvision",
+        "pipeline.num_workers=1", "method.queue_size=64", "method.bn_splits=4",
+        "schedule.batch_size=16", "run.log_every=1", "run.progress=false", "knn.batch_size=100"]
+
+
+def make_config(overrides: list[str]) -> TrainConfig:
+    with initialize_config_module(config_module="fastmoco.conf", version_base="1.3"):
+        return from_hydra(compose(config_name="config", overrides=overrides))
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def test_cli_runs_a_few_steps_and_writes_metrics_and_checkpoint(tiny_cifar, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastmoco.cli", "train", *FAST, f"data.root={tiny_cifar}",
+           "schedule.max_steps=3", f"run.dir={run_dir}", "knn.k=20"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "kNN top-1 on the test split" in res.stdout and "at random init" in res.stdout
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(r["images_per_s"] > 0 and 0 <= r["pretext_top1"] <= 100 for r in steps)
+    assert any("tensorboard" in p.name for p in run_dir.iterdir())
+    (ckpt,) = list_checkpoints(run_dir)
+    state = load_checkpoint(ckpt)
+    assert state["progress"]["step"] == 3
+    assert {"queue.keys", "queue.ptr"} <= set(state["model"])
+    assert any(k.startswith("key_encoder.") for k in state["model"])
+    assert int(state["model"]["queue.ptr"]) == (3 * 16) % 64
+
+
+def test_resume_from_epoch_checkpoint_gives_the_same_losses(tiny_cifar, tmp_path):
+    common = FAST + [f"data.root={tiny_cifar}", "schedule.epochs=2", "knn.enabled=false",
+                     "run.keep_checkpoints=5"]
+    a = tmp_path / "a"
+    train(make_config(common + [f"run.dir={a}"]))
+    full = losses(a)
+    steps_per_epoch = 200 // 16
+    assert len(full) == 2 * steps_per_epoch
+    # An interrupted run: only the checkpoint written after epoch 1 survives.
+    b = tmp_path / "b"
+    (b / "checkpoints").mkdir(parents=True)
+    first = list_checkpoints(a)[0]
+    assert load_checkpoint(first)["progress"]["step"] == steps_per_epoch
+    shutil.copy(first, b / "checkpoints" / first.name)
+    train(make_config(common + [f"run.dir={b}"]))
+    resumed = losses(b)
+    assert sorted(resumed) == list(range(steps_per_epoch + 1, 2 * steps_per_epoch + 1))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(full[step], rel=1e-6), step
+
+
+def test_sigterm_checkpoints_mid_epoch_and_resume_continues(tiny_cifar, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastmoco.cli", "train", *FAST, f"data.root={tiny_cifar}",
+           "schedule.epochs=3", "knn.enabled=false", f"run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=tmp_path)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped at step" in out
+    (ckpt,) = list_checkpoints(run_dir)
+    stopped = load_checkpoint(ckpt)["progress"]
+    assert 4 <= stopped["step"] < 36
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    steps = sorted(losses(run_dir))
+    assert steps[-1] == 3 * (200 // 16)
+    assert stopped["step"] + 1 in steps
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (["method.queue_size=100"], ValueError, r"method.queue_size=100 must be a multiple.*set method.queue_size=96"),
+        (["backbone.name=resnet_nope"], ValueError, "unknown timm backbone 'resnet_nope'"),
+        (["data.root=/nonexistent/cifar"], FileNotFoundError, "FASTMOCO_DATA"),
+        (["method.bn_splits=3"], ValueError, "not a multiple of method.bn_splits=3"),
+    ],
+)
+def test_config_errors_name_the_fix(tiny_cifar, tmp_path, overrides, error, match):
+    base = FAST + [f"data.root={tiny_cifar}", f"run.dir={tmp_path}", "schedule.max_steps=1"]
+    with pytest.raises(error, match=match):
+        train(make_config(base + overrides))
+
+
+def test_experiment_presets_compose():
+    v1 = make_config(["experiment=imagenet_moco_v1"])
+    assert (v1.method.version, v1.method.temperature, v1.method.queue_size) == ("v1", 0.07, 65536)
+    assert (v1.optim.lr, v1.schedule.batch_size, v1.schedule.lr_schedule) == (0.03, 256, "step")
+    assert v1.data.recipe == "v1" and v1.backbone.name == "resnet50"
+    v2 = make_config(["experiment=imagenet_moco_v2"])
+    assert (v2.method.version, v2.method.temperature, v2.data.recipe) == ("v2", 0.2, "v2")
+    assert v2.schedule.lr_schedule == "cosine" and v2.method.momentum == 0.999
+    c = make_config(["experiment=cifar10_moco_v2"])
+    assert (c.method.queue_size, c.method.momentum, c.method.temperature) == (4096, 0.99, 0.1)
+    assert (c.optim.lr, c.optim.weight_decay, c.schedule.batch_size, c.schedule.epochs) == (0.06, 5e-4, 512, 200)
+    assert c.backbone.cifar_stem
