@@ -89,6 +89,7 @@ class ScheduleConfig:
     milestones: tuple[float, ...] = (0.6, 0.8)  # fractions of training, for step
     warmup_epochs: float = 0.0
     max_steps: Optional[int] = None  # stop early (smoke tests, benchmarks)
+    time_budget_min: Optional[float] = None  # size the run to this many minutes of pretraining
 
 
 @dataclass

@@ -13,6 +13,7 @@ from fastmoco.config import DataConfig, PipelineConfig, default_data_root
 from fastmoco.pipelines import build_eval_loader, build_train_loader
 from fastmoco.pipelines.folder import ImageList, scan_image_folder
 from fastmoco.pipelines.recipes import get_recipe
+from fastmoco.pipelines.webdataset import ShardList, is_webdataset, scan_webdataset
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +39,33 @@ def num_workers(cfg: PipelineConfig, world_size: int) -> int:
 def resolve_root(cfg: DataConfig) -> Path:
     """data.root, else $FASTMOCO_DATA, else ../shared/data/<name>; a clear error if none exists."""
     root = Path(cfg.root).expanduser() if cfg.root else default_data_root(cfg.name)
+    if root is None and cfg.name == "cifar10":
+        root = _download_cifar10()
     if root is None or not root.is_dir():
         raise FileNotFoundError(
             f"data root for {cfg.name!r} not found ({root or 'nothing configured'}): set "
             f"data.root=/path/to/{cfg.name} or the environment variable FASTMOCO_DATA; the folder "
-            f"must hold {cfg.train_split}/<class>/<images>"
+            f"must hold {cfg.train_split}/<class>/<images> or {cfg.train_split}/*.tar shards"
         )
     return root
 
 
-def split_files(cfg: DataConfig, split: str, max_images: Optional[int], seed: int) -> ImageList:
+def _download_cifar10() -> Optional[Path]:
+    from fastmoco.datasets import ensure_cifar10
+
+    try:
+        return ensure_cifar10()
+    except OSError as e:  # offline: fall through to the error that names the settings
+        log.warning("could not download CIFAR-10 (%s)", e)
+        return None
+
+
+def split_files(cfg: DataConfig, split: str, max_images: Optional[int],
+                seed: int) -> ImageList | ShardList:
+    """The images of root/<split>: an ImageFolder tree, or a folder of WebDataset tar shards."""
     root = resolve_root(cfg)
+    if is_webdataset(root / split):
+        return scan_webdataset(root / split, max_images=max_images, seed=seed)
     return scan_image_folder(root / split, max_images=max_images, seed=seed)
 
 
@@ -85,14 +102,14 @@ def build_pretrain_loader(
         return SyntheticTwoViewLoader(data.synthetic_images // world_size, batch_size,
                                       data.image_size, device, dtype, channels_last, seed + rank)
     files = split_files(data, data.train_split, data.max_images, seed)
-    if len(files.files) < batch_size * world_size:
+    if len(files) < batch_size * world_size:
         raise ValueError(
-            f"{len(files.files)} training images but the global batch is "
+            f"{len(files)} training images but the global batch is "
             f"{batch_size * world_size}: lower schedule.batch_size or add data"
         )
     kind = resolve_pipeline(pipeline)
     log.info("pretraining on %d images from %s with the %s pipeline (%s recipe, %d px)",
-             len(files.files), data.train_split, kind, data.recipe, data.image_size)
+             len(files), data.train_split, kind, data.recipe, data.image_size)
     return build_train_loader(
         kind, files, get_recipe(data.recipe, data.image_size), batch_size, device=device,
         dtype=dtype, channels_last=channels_last, num_workers=num_workers(pipeline, world_size),

@@ -14,13 +14,7 @@ from fastmoco.distributed import (
     batch_shuffle, batch_unshuffle, concat_all_gather, get_rank, get_world_size,
 )
 from fastmoco.heads import bn_mlp, projection_head
-from fastmoco.kernels import ema_update_, infonce_inbatch_loss, infonce_loss
-
-try:  # TEMPORARY until kernels/ema.py lands
-    from fastmoco.kernels import flatten_parameters_
-except ImportError:
-    def flatten_parameters_(module):
-        return []
+from fastmoco.kernels import ema_update_, flatten_parameters_, infonce_inbatch_loss, infonce_loss
 from fastmoco.queue import KeyQueue
 
 

@@ -16,9 +16,12 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from .folder import ImageList, decode_check, shard_indices
 from .recipes import SOLARIZE_THRESHOLD, TwoViewRecipe, ViewRecipe
+from .webdataset import IMAGE_EXTS, ShardList, drop_samples, find_undecodable
 
 log = logging.getLogger(__name__)
 HUE_DEGREES = 360.0  # torchvision hue factor x is x of a full turn; DALI's hue is in degrees
+SHUFFLE_BUFFER = 4096  # encoded samples the WebDataset reader shuffles in (~0.5 GB at ImageNet sizes)
+CLS_BYTES = 16  # a .cls member is padded to this many ASCII bytes and parsed by torch
 
 
 def output_dtype(dtype: torch.dtype) -> types.DALIDataType:
@@ -234,3 +237,142 @@ class DaliEvalLoader:
             x, y = out[0]["x"], out[0]["y"]
             yield _to_torch(x, self.device, self.dtype, self.channels_last), y.view(-1).long().to(self.device)
 
+
+
+# --- WebDataset shards -------------------------------------------------------------------------
+
+def _wds_reader(tars: list[str], indexes: list[str], labeled: bool, **kw):
+    """fn.readers.webdataset over our indexes: image (+ .cls) outputs; a missing image is an error."""
+    exts = [";".join(IMAGE_EXTS)] + (["cls"] if labeled else [])
+    out = fn.readers.webdataset(paths=tars, index_paths=indexes, ext=exts, case_sensitive_extensions=False,
+                                missing_component_behavior="error", name="reader", **kw)
+    return out if isinstance(out, (list, tuple)) else [out]
+
+
+@pipeline_def(enable_conditionals=True)
+def _two_view_wds(tars: list[str], indexes: list[str], recipe: TwoViewRecipe, gpu: bool,
+                  dtype: types.DALIDataType, shard_id: int, num_shards: int, buffer: int):
+    encoded = _wds_reader(tars, indexes, False, shard_id=shard_id, num_shards=num_shards,
+                          random_shuffle=True, initial_fill=buffer)[0]
+    images = decode(encoded, gpu)
+    return augment_view(images, recipe.query, dtype), augment_view(images, recipe.key, dtype)
+
+
+class DaliShardTwoViewLoader:
+    """TwoViewLoader over WebDataset shards. Each epoch permutes the shard order (seed + epoch, the
+    same on every rank); DALI then gives rank r the r-th contiguous 1/world_size slice of the samples
+    and shuffles it through a buffer of `shuffle_buffer` samples, so ranks read disjoint data."""
+
+    def __init__(self, files: ShardList, recipe: TwoViewRecipe, batch_size: int, *, device: torch.device,
+                 dtype: torch.dtype, channels_last: bool, num_workers: int, rank: int, world_size: int,
+                 seed: int, shuffle_buffer: int = SHUFFLE_BUFFER) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.shards, self.recipe, self.batch_size, self.buffer = files, recipe, batch_size, shuffle_buffer
+        self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
+        self.num_threads, self.rank, self.world_size, self.seed = max(1, num_workers), rank, world_size, seed
+        self.device_id = _dali_device(self.device)
+        self.epoch, self.skipped = 0, 0
+        self.steps = len(files) // world_size // batch_size  # every rank's slice holds >= len // world
+        if self.steps == 0:
+            raise ValueError(f"{len(files)} images cannot fill one batch of {batch_size} on each of "
+                             f"{world_size} ranks; lower batch_size or add shards")
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_shards(self) -> tuple[list[str], list[str]]:
+        """(tars, indexes) in this epoch's order."""
+        order = self.shards.epoch_order(self.seed, self.epoch)
+        return [self.shards.tars[i] for i in order], [self.shards.indexes[i] for i in order]
+
+    def _iterator(self, first_step: int) -> DALIGenericIterator:
+        tars, indexes = self.epoch_shards()
+        pipe = _two_view_wds(tars, indexes, self.recipe, self.device_id is not None, output_dtype(self.dtype),
+                             self.rank, self.world_size, self.buffer, batch_size=self.batch_size,
+                             num_threads=self.num_threads, device_id=self.device_id, prefetch_queue_depth=2,
+                             seed=(self.seed * 1_000_003 + self.epoch * 1009 + self.rank * 7 + first_step) % 2**31,
+                             exec_dynamic=True)
+        return DALIGenericIterator(pipe, ["q", "k"], reader_name="reader", auto_reset=False,
+                                   last_batch_policy=LastBatchPolicy.DROP)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        step, it = 0, None
+        while step < self.steps:
+            try:
+                if it is None:
+                    it = self._iterator(step)
+                out = next(it)[0]
+            except StopIteration:
+                break
+            except RuntimeError as e:  # a member DALI cannot decode: find it, drop it from the index, rebuild
+                it = None
+                self._recover(e)
+                continue
+            step += 1
+            yield (_to_torch(out["q"], self.device, self.dtype, self.channels_last),
+                   _to_torch(out["k"], self.device, self.dtype, self.channels_last))
+
+    def _recover(self, error: Exception) -> None:
+        bad = find_undecodable(self.shards)
+        if not bad:
+            raise RuntimeError(f"DALI failed to decode a sample but PIL decodes every indexed image under "
+                               f"{self.shards.root}; re-encode the shards' images with PIL or use "
+                               f"pipeline=torchvision. DALI said: {error}") from error
+        n = drop_samples(self.shards, bad)
+        self.skipped += n
+        first = next(f"{t}:{k} ({r})" for t, b in bad.items() for k, r in b.items())
+        log.warning("DALI failed to decode %d WebDataset samples (first: %s); dropped them from the index and "
+                    "restarted the epoch's reader (the rest of this epoch may repeat samples)", n, first)
+
+
+@pipeline_def
+def _eval_wds(tars: list[str], indexes: list[str], labeled: bool, size: int, mean, std, gpu: bool,
+              dtype: types.DALIDataType, shard_id: int, num_shards: int):
+    out = _wds_reader(tars, indexes, labeled, shard_id=shard_id, num_shards=num_shards)
+    images = fn.resize(decode(out[0], gpu), resize_shorter=size, antialias=True)
+    images = fn.crop_mirror_normalize(images, crop=[size, size], dtype=dtype, output_layout="HWC",
+                                      mean=[255 * m for m in mean], std=[255 * s for s in std])
+    label = fn.pad(out[1], shape=[CLS_BYTES], fill_value=32) if labeled else fn.constant(idata=[32] * CLS_BYTES,
+                                                                                        dtype=types.UINT8)
+    return images, label
+
+
+def ascii_ints(x: torch.Tensor) -> torch.Tensor:
+    """N×B uint8 ASCII (digits, padding spaces/newlines) -> N int64."""
+    d = x.long() - ord("0")
+    value = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    for j in range(x.shape[1]):
+        digit = (d[:, j] >= 0) & (d[:, j] <= 9)
+        value = torch.where(digit, value * 10 + d[:, j], value)
+    return value
+
+
+class DaliShardEvalLoader:
+    """(x, labels) over rank's contiguous slice of the shards, in index order; labels from .cls (else 0)."""
+
+    def __init__(self, files: ShardList, size: int, mean, std, batch_size: int, *, device: torch.device,
+                 dtype: torch.dtype, channels_last: bool, num_workers: int, rank: int, world_size: int) -> None:
+        self.shards, self.size, self.mean, self.std, self.batch_size = files, size, mean, std, batch_size
+        self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
+        self.num_threads, self.device_id, self.skipped = max(1, num_workers), _dali_device(self.device), 0
+        self.rank, self.world_size = rank, world_size
+        n = len(files)
+        self.count = n * (rank + 1) // world_size - n * rank // world_size  # DALI's slice of shard_id
+
+    def __len__(self) -> int:
+        return -(-self.count // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        pipe = _eval_wds(self.shards.tars, self.shards.indexes, self.shards.labels is not None, self.size,
+                         self.mean, self.std, self.device_id is not None, output_dtype(self.dtype), self.rank,
+                         self.world_size, batch_size=self.batch_size, num_threads=self.num_threads,
+                         device_id=self.device_id, seed=0, exec_dynamic=True)
+        it = DALIGenericIterator(pipe, ["x", "y"], reader_name="reader", auto_reset=False,
+                                 last_batch_policy=LastBatchPolicy.PARTIAL)
+        for out in it:
+            x, y = out[0]["x"], out[0]["y"]
+            yield _to_torch(x, self.device, self.dtype, self.channels_last), ascii_ints(y).to(self.device)

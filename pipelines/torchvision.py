@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2 as T
 
 from .folder import ImageList, shard_indices
+from .webdataset import ShardList, TarImageLoader
 from .recipes import SOLARIZE_THRESHOLD, TwoViewRecipe, ViewRecipe
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,9 @@ class TwoViewDataset(Dataset):
     """(query, key, bad) per index; a file that fails to decode is replaced by a deterministic
     substitute and `bad` counts the failures, so batches stay full and the count reaches the loop."""
 
-    def __init__(self, files: Sequence[str], recipe: TwoViewRecipe, seed: int = 0) -> None:
-        self.files = list(files)
+    def __init__(self, files: Sequence, recipe: TwoViewRecipe, seed: int = 0,
+                 load: Callable[..., Image.Image] = load_rgb) -> None:
+        self.files, self.load = list(files), load
         self.query, self.key = view_transform(recipe.query), view_transform(recipe.key)
         self.seed = seed
 
@@ -82,7 +84,7 @@ class TwoViewDataset(Dataset):
         for attempt in range(MAX_SUBSTITUTES):
             path = self.files[(index + attempt * 7919) % len(self.files)]
             try:
-                img = load_rgb(path)
+                img = self.load(path)
             except Exception as e:  # PIL raises many types for bad data
                 log.warning("skipping undecodable %s (%s: %s)", path, type(e).__name__, e)
                 continue
@@ -94,8 +96,9 @@ class TwoViewDataset(Dataset):
 class EvalDataset(Dataset):
     """(image, label, ok) per index; ok=False rows are dropped by the loader and counted."""
 
-    def __init__(self, files: Sequence[str], labels: Sequence[int], size: int) -> None:
-        self.files, self.labels, self.size = list(files), list(labels), size
+    def __init__(self, files: Sequence, labels: Sequence[int], size: int,
+                 load: Callable[..., Image.Image] = load_rgb) -> None:
+        self.files, self.labels, self.size, self.load = list(files), list(labels), size, load
         self.transform = eval_transform(size)
 
     def __len__(self) -> int:
@@ -103,10 +106,17 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
         try:
-            return to_hwc_uint8(self.transform(load_rgb(self.files[index]))), self.labels[index], True
+            return to_hwc_uint8(self.transform(self.load(self.files[index]))), self.labels[index], True
         except Exception as e:
             log.warning("skipping undecodable %s (%s: %s)", self.files[index], type(e).__name__, e)
             return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), self.labels[index], False
+
+
+def sources(files: ImageList | ShardList) -> tuple[list, list[int], Callable[..., Image.Image]]:
+    """(items, labels, load): file paths and PIL, or tar members read by offset (labels 0 if none)."""
+    if isinstance(files, ShardList):
+        return files.members(), files.labels or [0] * len(files), TarImageLoader()
+    return files.files, files.labels, load_rgb
 
 
 class EpochShardSampler(Sampler[int]):
@@ -146,13 +156,14 @@ class DeviceNormalizer:
 class TorchvisionTwoViewLoader:
     """TwoViewLoader over a torch DataLoader; `skipped` counts files replaced after a decode error."""
 
-    def __init__(self, files: ImageList, recipe: TwoViewRecipe, batch_size: int, *, device: torch.device,
-                 dtype: torch.dtype, channels_last: bool, num_workers: int, rank: int, world_size: int,
-                 seed: int) -> None:
+    def __init__(self, files: ImageList | ShardList, recipe: TwoViewRecipe, batch_size: int, *,
+                 device: torch.device, dtype: torch.dtype, channels_last: bool, num_workers: int, rank: int,
+                 world_size: int, seed: int) -> None:
         self.sampler = EpochShardSampler(len(files), batch_size, rank, world_size, seed)
         pin = torch.device(device).type == "cuda"
+        items, _, load = sources(files)
         self.loader = DataLoader(
-            TwoViewDataset(files.files, recipe, seed), batch_size=batch_size, sampler=self.sampler, drop_last=True,
+            TwoViewDataset(items, recipe, seed, load), batch_size=batch_size, sampler=self.sampler, drop_last=True,
             num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator().manual_seed(seed),
         )
@@ -178,10 +189,12 @@ class TorchvisionTwoViewLoader:
 class TorchvisionEvalLoader:
     """(x, labels) over rank's strided shard of the whole split; undecodable files dropped and counted."""
 
-    def __init__(self, files: ImageList, size: int, mean, std, batch_size: int, *, device: torch.device,
-                 dtype: torch.dtype, channels_last: bool, num_workers: int, rank: int, world_size: int) -> None:
+    def __init__(self, files: ImageList | ShardList, size: int, mean, std, batch_size: int, *,
+                 device: torch.device, dtype: torch.dtype, channels_last: bool, num_workers: int, rank: int,
+                 world_size: int) -> None:
         shard = list(range(rank, len(files), world_size))
-        dataset = EvalDataset([files.files[i] for i in shard], [files.labels[i] for i in shard], size)
+        items, labels, load = sources(files)
+        dataset = EvalDataset([items[i] for i in shard], [labels[i] for i in shard], size, load)
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
                                  num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
                                  persistent_workers=num_workers > 0)

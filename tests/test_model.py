@@ -33,11 +33,14 @@ def test_key_encoder_starts_as_exact_copy_without_gradients():
     torch.testing.assert_close(model.queue.keys.norm(dim=1), torch.ones(32))
 
 
-@pytest.mark.parametrize("version", ["v1", "v2"])
-def test_one_step_matches_algorithm_1(version):
+@pytest.mark.parametrize("version, flat", [("v1", False), ("v2", False), ("v2", True)])
+def test_one_step_matches_algorithm_1(version, flat):
     """Momentum update, keys, loss over [k+, queue]/T, query gradients, enqueue and pointer."""
     torch.manual_seed(1)
     model = small_moco(version=version)
+    if flat:  # parameters as views into one flat buffer per encoder: one lerp for the EMA
+        model.to(memory_format=torch.channels_last)
+        model.prepare_ema()
     n, m, t = 8, 0.9, 0.2
     # Make the key encoder differ from the query encoder so the momentum update is visible.
     with torch.no_grad():
