@@ -5,6 +5,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def is_distributed() -> bool:
@@ -24,15 +25,42 @@ def is_main_process() -> bool:
 
 
 def init_from_env(device_type: str) -> tuple[int, int, int]:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK); (0, 1, 0) otherwise.
-
-    NCCL on CUDA, gloo on the CPU.
-    """
+    """Join the process group torchrun (or a SLURM job from hydra's submitit launcher) describes
+    (RANK, WORLD_SIZE, LOCAL_RANK); (0, 1, 0) otherwise. NCCL on CUDA, gloo on the CPU."""
+    if "RANK" not in os.environ:
+        _export_submitit_env()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1, 0
     if not is_distributed():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _export_submitit_env() -> None:
+    """In a SLURM task started by submitit (hydra/launcher=submitit_slurm, one task per GPU), set
+    RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from SLURM's variables."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError:  # the job runs submitit, so this only fails on a broken install
+        return
+    env = TorchDistributedEnvironment()
+    if env.world_size > 1:
+        # Every task keeps all of the node's GPUs visible and picks cuda:LOCAL_RANK.
+        env.export(set_cuda_visible_devices=False)
+
+
+@torch.no_grad()
+def broadcast_module_(module: nn.Module, src: int = 0) -> None:
+    """Copy every parameter and buffer of rank `src` into the same module on all processes.
+
+    DDP (broadcast_buffers=False) syncs parameters only; the queue is a buffer drawn from each
+    rank's own seed, and must start identical everywhere."""
+    if not is_distributed() or get_world_size() == 1:
+        return
+    for tensor in module.state_dict().values():  # detached views of the live storage
+        dist.broadcast(tensor, src=src)
 
 
 @torch.no_grad()
@@ -69,3 +97,35 @@ def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tenso
     rank = get_rank()
     mine = idx_unshuffle[rank * local : (rank + 1) * local]
     return x_all[mine]
+
+
+class AnyProcess:
+    """`agree(flag)` is True on every process once `flag` was True on any of them.
+
+    A stop request (SIGTERM from SLURM or torchrun) reaches ranks at different steps; a rank that
+    stopped alone would wait in the checkpoint's collectives while the others wait in the
+    gradient all-reduce. Each call posts the local flag in a non-blocking MAX all-reduce on a
+    CPU (gloo) group and returns the previous call's result, so every rank stops at the same
+    step, one step after the request, without a host sync on the accelerator. Every process
+    must make the same number of calls; in one process the flag is returned as is.
+    """
+
+    def __init__(self) -> None:
+        self._pending: tuple[dist.Work, torch.Tensor] | None = None
+        self._group = None
+        if is_distributed() and get_world_size() > 1:
+            # A second group (gloo, CPU tensors) keeps the flag off the NCCL stream.
+            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+
+    def __call__(self, flag: bool) -> bool:
+        if not is_distributed() or get_world_size() == 1:
+            return flag
+        agreed = False
+        if self._pending is not None:
+            work, t = self._pending
+            work.wait()
+            agreed = bool(t.item())
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        self._pending = (work, t)
+        return agreed

@@ -21,7 +21,9 @@ from fastmoco import checkpoint as ckpt
 from fastmoco.config import TrainConfig
 from fastmoco.data import build_knn_loaders, build_pretrain_loader
 from fastmoco.device import autocast, grad_scaler, resolve_device, resolve_precision
-from fastmoco.distributed import get_world_size, init_from_env, is_distributed
+from fastmoco.distributed import (
+    AnyProcess, broadcast_module_, get_world_size, init_from_env, is_distributed,
+)
 from fastmoco.knn import knn_accuracy
 from fastmoco.model import MoCo, MoCoOutput
 from fastmoco.momentum import lr_at, momentum_at
@@ -72,13 +74,44 @@ class Progress:
     epoch: int = 0  # current epoch
     batch_in_epoch: int = 0  # batches of `epoch` already trained (mid-epoch checkpoints)
     knn: dict = dataclasses.field(default_factory=dict)  # "init" and per-epoch kNN top-1
+    total_steps: int = 0  # fixed once known (a time budget fixes it after a few steps)
+
+
+class _TimeBudget:
+    """schedule.time_budget_min: after a short calibration, fix the number of steps so that
+    pretraining ends within the budget; rank 0 decides for every process."""
+
+    CALIBRATE = (3, 13)  # measure the step time over these steps (after the warm-up steps)
+
+    def __init__(self, seconds: float, start_step: int, device: torch.device) -> None:
+        self.seconds, self.start, self.device = seconds, start_step, device
+        self.t0 = time.perf_counter()
+        self.mark: Optional[float] = None
+        self.total_steps = 0
+
+    def decide(self, step: int, planned: int) -> bool:
+        done = step - self.start
+        if done == self.CALIBRATE[0]:
+            self.mark = time.perf_counter()
+        if done != self.CALIBRATE[1] or self.mark is None:
+            return False
+        now = time.perf_counter()
+        per_step = (now - self.mark) / (self.CALIBRATE[1] - self.CALIBRATE[0])
+        total = step + max(0, int((self.seconds - (now - self.t0)) / per_step))
+        decided = torch.tensor([min(planned, total)], dtype=torch.long, device=self.device)
+        if is_distributed():
+            dist.broadcast(decided, src=0)
+        self.total_steps = int(decided.item())
+        return True
 
 
 class _StopFlag:
     """SIGTERM/SIGUSR1 (SLURM preemption, torchrun elastic restarts) → checkpoint at the next step."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.requested = False  # agreed by all processes (poll), so that all stop at one step
+        self.signalled = False  # this process got the signal
+        self._agree = AnyProcess()
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
                 signal.signal(sig, self._handle)
@@ -86,7 +119,11 @@ class _StopFlag:
                 pass
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        self.signalled = True
+
+    def poll(self) -> bool:
+        self.requested = self.requested or self._agree(self.signalled)
+        return self.requested
 
 
 def _setup_logging(rank: int) -> None:
@@ -129,6 +166,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     local_batch = cfg.schedule.batch_size // world
 
     moco = build_model(cfg, device, cfg.run.channels_last)
+    broadcast_module_(moco)  # rank 0's queue (a buffer, drawn from a per-rank seed) everywhere
     lr_scale = cfg.schedule.batch_size / cfg.optim.base_batch if cfg.optim.base_batch else 1.0
     base_lr = cfg.optim.lr * lr_scale
     optimizer = build_optimizer(moco.parameters(), cfg.optim, base_lr, device)
@@ -150,6 +188,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         log.info("resumed from %s at step %d (epoch %d, batch %d)", latest, progress.step,
                  progress.epoch, progress.batch_in_epoch)
 
+    if progress.total_steps:
+        total_steps = progress.total_steps
+    budget = None
+    if cfg.schedule.time_budget_min and not progress.total_steps:
+        budget = _TimeBudget(cfg.schedule.time_budget_min * 60.0, progress.step, device)
+    else:
+        progress.total_steps = total_steps
     use_compile = _decide_compile(cfg, total_steps - progress.step)
     log.info("device %s, %s, channels_last=%s, compile=%s (%s), %d process(es), batch %d per process, "
              "shuffle_bn=%s, %d steps per epoch, %d steps in all",
@@ -214,6 +259,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             progress.step += 1
             progress.batch_in_epoch = i + 1
             window_steps += 1
+            if budget is not None and budget.decide(progress.step, total_steps):
+                total_steps = progress.total_steps = budget.total_steps
+                budget = None
+                log.info("time budget %.1f min: %d steps in all", cfg.schedule.time_budget_min,
+                         total_steps)
+                if bar:
+                    bar.total = total_steps
             if progress.step % cfg.run.log_every == 0 or progress.step == total_steps:
                 loss, acc = out.loss.item(), out.accuracy.item()  # the only host syncs
                 last.update(loss=loss, pretext_top1=acc)
@@ -233,7 +285,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                     refresh=False)
             if bar:
                 bar.update(1)
-            if progress.step >= total_steps or stop.requested:
+            if progress.step >= total_steps or stop.poll():
                 break
         else:  # the epoch ran to its end
             progress.epoch += 1
