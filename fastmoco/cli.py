@@ -7,6 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 from fastmoco.config import from_hydra
+from fastmoco.distributed import is_main_process
 
 USAGE = """usage: fastmoco {train,bench} [hydra overrides ...]
 
@@ -23,7 +24,8 @@ def train_main(cfg: DictConfig) -> None:
     from fastmoco.train import train
 
     summary = train(from_hydra(cfg))
-    print_summary(summary)
+    if is_main_process():
+        print_summary(summary)
 
 
 def print_summary(summary: dict) -> None:

@@ -112,7 +112,9 @@ class MoCo(nn.Module):
                 q, keys, self.temperature, offset=get_rank() * q.shape[0], backend=self.loss_backend
             )
             return loss * (2.0 * self.temperature), acc
-        return infonce_loss(q, k, self.queue.keys, self.temperature, backend=self.loss_backend)
+        queue = self.queue.keys  # K×C, in the dtype the loss runs in (bf16 on GPUs)
+        return infonce_loss(q.to(queue.dtype), k.to(queue.dtype), queue, self.temperature,
+                            backend=self.loss_backend)
 
     def forward(
         self, x_q: torch.Tensor, x_k: torch.Tensor, momentum: float | None = None
@@ -127,7 +129,9 @@ class MoCo(nn.Module):
         q2, k2 = self._query(x_k), self._key(x_q)  # the views swap roles
         loss1, acc1 = self._contrast(q, k)
         loss2, acc2 = self._contrast(q2, k2)
-        keys = concat_all_gather(torch.cat([k, k2], dim=0))
+        keys = torch.cat([k, k2], dim=0)
+        if self.queue is not None:  # v3 has no queue to fill: no gather
+            keys = concat_all_gather(keys)
         return MoCoOutput(loss1 + loss2, (acc1 + acc2) / 2, keys)
 
     @torch.no_grad()

@@ -32,9 +32,16 @@ from fastmoco.optim import build_optimizer, set_lr
 log = logging.getLogger("fastmoco")
 
 
-def build_model(cfg: TrainConfig, device: torch.device, channels_last: bool) -> MoCo:
-    """MoCo on `device`, in channels-last memory when asked, as the config describes."""
+def build_model(cfg: TrainConfig, device: torch.device, channels_last: bool,
+                dtype: torch.dtype = torch.float32) -> MoCo:
+    """MoCo on `device`, in channels-last memory when asked, as the config describes.
+
+    On a GPU the queue is kept in the training dtype: the fused loss then reads half the bytes
+    and runs on tensor cores. On the CPU it stays fp32 (the chunked loss is fp32 matmul)."""
     m = cfg.method
+    if m.shuffle_bn == "sync" and device.type != "cuda":
+        raise ValueError("method.shuffle_bn=sync needs CUDA (torch's SyncBatchNorm runs on GPUs "
+                         "only): on the CPU use method.shuffle_bn=ddp, split or auto")
     model = MoCo(
         cfg.backbone.name, version=m.version, dim=m.dim, queue_size=m.queue_size,
         momentum=m.momentum, temperature=m.temperature, shuffle_bn=m.shuffle_bn,
@@ -43,6 +50,8 @@ def build_model(cfg: TrainConfig, device: torch.device, channels_last: bool) -> 
         loss_backend=cfg.run.loss_backend, ema_backend=cfg.run.ema_backend,
     )
     model.to(device)
+    if device.type == "cuda" and model.queue is not None:
+        model.queue.to(dtype)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     model.prepare_ema()
@@ -165,7 +174,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run.dir)
     local_batch = cfg.schedule.batch_size // world
 
-    moco = build_model(cfg, device, cfg.run.channels_last)
+    moco = build_model(cfg, device, cfg.run.channels_last, dtype)
     broadcast_module_(moco)  # rank 0's queue (a buffer, drawn from a per-rank seed) everywhere
     lr_scale = cfg.schedule.batch_size / cfg.optim.base_batch if cfg.optim.base_batch else 1.0
     base_lr = cfg.optim.lr * lr_scale

@@ -1,0 +1,316 @@
+"""Two gloo processes on the CPU against one process on the same global batch: shuffle BN,
+the queue, v3's in-batch keys, checkpoints across world sizes, elastic restarts, data shards."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from fastmoco import MoCo
+from fastmoco.checkpoint import list_checkpoints, load_checkpoint
+from fastmoco.distributed import AnyProcess, broadcast_module_
+from fastmoco.pipelines.folder import shard_indices
+from fastmoco.pipelines.torchvision import EpochShardSampler
+
+WORLD, N, STEPS, SIZE = 2, 4, 3, 16  # processes, batch per process, steps, image side
+LR, M = 0.1, 0.9
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+FAST = ["backbone=resnet18_cifar", "+backbone.kwargs.channels=[8,16,32,64]", "pipeline=torchvision",
+        "pipeline.num_workers=0", "method.queue_size=96", "method.bn_splits=4", "schedule.batch_size=16",
+        "run.log_every=1", "run.progress=false", "knn.enabled=false", "run.precision=fp32",
+        "run.keep_checkpoints=5"]
+
+
+class TinyNet(nn.Module):
+    """Two conv-BN-ReLU blocks and a pool: BatchNorm makes the key sub-batches observable."""
+
+    num_features = 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def tiny_moco(version: str, shuffle_bn: str, seed: int) -> MoCo:
+    torch.manual_seed(seed)
+    moco = MoCo(TinyNet(), version=version, dim=8, queue_size=24, temperature=0.2, momentum=M,
+                shuffle_bn=shuffle_bn, mlp_hidden=32, loss_backend="torch", ema_backend="torch")
+    moco.prepare_ema()
+    return moco
+
+
+def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(WORLD * N, 3, SIZE, SIZE, generator=g),
+             torch.randn(WORLD * N, 3, SIZE, SIZE, generator=g)) for _ in range(STEPS)]
+
+
+def perm_seed(step: int, rank: int) -> int:
+    # Rank 0 draws the permutation the reference uses; the others draw different ones, so only
+    # the broadcast from rank 0 makes the processes agree.
+    return 1000 * step + 7919 * rank
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, version: str, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    moco = tiny_moco(version, "auto", seed=100 + rank)  # per-rank init, fixed by broadcast_module_
+    broadcast_module_(moco)
+    assert moco.shuffle_bn == "ddp"
+    model = nn.parallel.DistributedDataParallel(moco, broadcast_buffers=False)
+    opt = torch.optim.SGD(moco.parameters(), lr=LR, momentum=0.9)
+    losses = []
+    for step, (x_q, x_k) in enumerate(global_batches()):
+        rows = slice(rank * N, (rank + 1) * N)
+        torch.manual_seed(perm_seed(step, rank))
+        out = model(x_q[rows], x_k[rows], momentum=M)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        moco.enqueue(out.keys)
+        losses.append(out.loss.detach())
+    agree = AnyProcess()  # a stop request that reaches rank 1 alone, at its step 3
+    stops = [agree(rank == 1 and step >= 3) for step in range(6)]
+    torch.save({"losses": torch.stack(losses), "state": moco.state_dict(), "stops": stops},
+               f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def reference(version: str) -> tuple[torch.Tensor, dict]:
+    """Algorithm 1 in one process on the global batch: BN over the same per-process sub-batches
+    (queries per rank's rows, keys per slice of the one shuffled batch), loss averaged over all
+    2N rows, keys enqueued in global order."""
+    moco = tiny_moco(version, "none", seed=100)
+    opt = torch.optim.SGD(moco.parameters(), lr=LR, momentum=0.9)
+    t = moco.temperature
+
+    def query(x):  # (W·N)×C, BN per process
+        return torch.cat([moco._query(c) for c in x.chunk(WORLD)])
+
+    @torch.no_grad()
+    def key(x):  # shuffle, BN per slice of the shuffled batch, unshuffle
+        perm = torch.randperm(x.shape[0])
+        k = torch.cat([F.normalize(moco.key_encoder(c), dim=1) for c in x[perm].chunk(WORLD)])
+        return k[torch.argsort(perm)]
+
+    def contrast(q, k):
+        labels = torch.zeros(q.shape[0], dtype=torch.long)
+        if moco.queue is None:  # v3: every key of the global batch, positive on the diagonal
+            return F.cross_entropy(q @ k.T / t, torch.arange(q.shape[0])) * 2 * t
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ moco.queue.keys.T], 1) / t
+        return F.cross_entropy(logits, labels)
+
+    losses = []
+    for step, (x_q, x_k) in enumerate(global_batches()):
+        moco.momentum_update(M)
+        torch.manual_seed(perm_seed(step, 0))
+        q, k = query(x_q), key(x_k)
+        if moco.symmetric:
+            q2, k2 = query(x_k), key(x_q)
+            loss, keys = contrast(q, k) + contrast(q2, k2), None
+        else:
+            loss, keys = contrast(q, k), k
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if keys is not None:
+            moco.queue.enqueue(keys)
+        losses.append(loss.detach())
+    return torch.stack(losses), moco.state_dict()
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_two_processes_match_one_process_on_the_global_batch(version, tmp_path):
+    mp.spawn(_worker, args=(version, free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ref_losses, ref_state = reference(version)
+
+    # Every process holds the same key encoder, queue and pointer, bit for bit.
+    shared = [k for k in ranks[0]["state"] if k.startswith("key_encoder.") or k.startswith("queue.")]
+    params = dict(tiny_moco(version, "none", 0).named_parameters())
+    for name in shared:
+        if name.startswith("key_encoder.") and name not in params:
+            continue  # BN running statistics: each process's own, as in the paper (unused in training)
+        assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name
+    # The global loss is the mean of the per-process losses (equal N) and matches one process.
+    torch.testing.assert_close(sum(r["losses"] for r in ranks) / WORLD, ref_losses, rtol=1e-5, atol=1e-6)
+    # Parameters move by O(1) in three steps; fp32 rounding, amplified by BN over 4 samples,
+    # leaves ~4e-5 (in float64 the same comparison agrees to 1e-11).
+    for name, value in ref_state.items():
+        if name in params or name.startswith("queue."):
+            torch.testing.assert_close(ranks[0]["state"][name], value, rtol=1e-4, atol=2e-4,
+                                       msg=lambda m: f"{name}: {m}")
+    if version == "v2":
+        assert int(ranks[0]["state"]["queue.ptr"]) == STEPS * WORLD * N % 24
+    # Both processes see the stop one call after rank 1 raised it, at the same step.
+    assert ranks[0]["stops"] == ranks[1]["stops"] == [False] * 4 + [True] * 2
+    # The test can fail: without the shuffle (one BN over each process's own keys) the loss moves.
+    torch.manual_seed(0)
+    moco = tiny_moco(version, "none", seed=100)
+    x_q, x_k = global_batches()[0]
+    with torch.no_grad():
+        moco.momentum_update(M)
+        q = torch.cat([moco._query(c) for c in x_q.chunk(WORLD)])
+        k = torch.cat([F.normalize(moco.key_encoder(c), dim=1) for c in x_k.chunk(WORLD)])
+    if version == "v2":
+        l_pos = (q * k).sum(1, keepdim=True)
+        unshuffled = F.cross_entropy(torch.cat([l_pos, q @ moco.queue.keys.T], 1) / 0.2,
+                                     torch.zeros(len(q), dtype=torch.long))
+        assert abs(unshuffled.item() - ref_losses[0].item()) > 1e-3
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def torchrun_train(nproc: int, overrides: list[str], cwd: Path, extra: list[str] = ()) -> list[str]:
+    return [*TORCHRUN, f"--nproc_per_node={nproc}", *extra, "-m", "fastmoco.train", *FAST, *overrides]
+
+
+def test_checkpoint_at_two_processes_resumes_at_one(tiny_cifar, tmp_path):
+    a = tmp_path / "a"
+    common = [f"data.root={tiny_cifar}", "schedule.epochs=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(torchrun_train(2, common + [f"run.dir={a}"], tmp_path),
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 process(es), batch 8 per process, shuffle_bn=ddp" in res.stdout + res.stderr
+    two = [r for r in metrics(a) if "loss" in r]
+    assert [r["step"] for r in two] == list(range(1, 25))  # rank 0 alone writes, once per step
+    first = list_checkpoints(a)[0]
+    state = load_checkpoint(first)
+    assert (state["world_size"], state["progress"]["step"], len(state["rng"])) == (2, 12, 2)
+    assert int(state["model"]["queue.ptr"]) == 12 * 16 % 96
+
+    b = tmp_path / "b"
+    (b / "checkpoints").mkdir(parents=True)
+    shutil.copy(first, b / "checkpoints" / first.name)
+    res = subprocess.run([sys.executable, "-m", "fastmoco.train", *FAST, *common, f"run.dir={b}"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert "checkpoint from 2 process(es) resumed on 1" in log
+    assert "1 process(es), batch 16 per process, shuffle_bn=split" in log
+    one = [r for r in metrics(b) if "loss" in r]
+    assert [r["step"] for r in one] == list(range(13, 25))
+    # The schedule carries over: the same lr at every step as the uninterrupted 2-process run.
+    assert [r["lr"] for r in one] == [r["lr"] for r in two[12:]]
+    final = load_checkpoint(list_checkpoints(b)[-1])
+    assert final["world_size"] == 1 and int(final["model"]["queue.ptr"]) == 24 * 16 % 96
+    assert final["optimizer"]["state"]  # SGD momentum buffers came along
+
+
+def _workers(pid: int) -> list[int]:
+    """The training processes torchrun `pid` started (its children running fastmoco.train)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            if b"fastmoco.train" in cmdline:
+                out.append(int(child))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find the workers")
+def test_elastic_restart_resumes_from_the_latest_checkpoint(tiny_cifar, tmp_path):
+    run_dir = tmp_path / "run"
+    extra = ["--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+             "--max-restarts=1"]
+    cmd = torchrun_train(2, [f"data.root={tiny_cifar}", "schedule.epochs=3", f"run.dir={run_dir}"],
+                         tmp_path, extra)
+    # A restarted group must not read the previous attempt's addresses from torchrun's shared
+    # store (pytorch/pytorch#135712): docs/multi-node.md sets the same variable.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=tmp_path, env=env)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not list_checkpoints(run_dir):
+        time.sleep(0.2)
+    workers = _workers(proc.pid)
+    assert len(workers) == 2 and list_checkpoints(run_dir), "no epoch checkpoint before the deadline"
+    os.kill(workers[1], signal.SIGKILL)  # a worker dies; torchrun restarts the group
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    assert "resumed from" in out  # the restarted group found the epoch checkpoint
+    steps = [r["step"] for r in metrics(run_dir) if "loss" in r]
+    assert steps[-1] == 36 and set(steps) == set(range(1, 37))
+
+
+@pytest.mark.parametrize("n, batch, world", [(103, 4, 2), (200, 8, 2), (200, 5, 3)])
+def test_shards_are_disjoint_cover_the_kept_data_and_reshuffle_per_epoch(n, batch, world):
+    for epoch in (0, 1):
+        shards = [shard_indices(n, batch, r, world, seed=3, epoch=epoch) for r in range(world)]
+        kept = n // (batch * world) * batch * world
+        assert all(len(s) == kept // world for s in shards)
+        flat = [i for s in shards for i in s]
+        assert len(set(flat)) == kept  # disjoint, and no rank repeats an image
+        # Global batch i holds the same images at any world size with the same global batch:
+        # this is what lets a checkpoint from W processes resume on W' by skipping batches.
+        single = shard_indices(n, batch * world, 0, 1, seed=3, epoch=epoch)
+        for i in range(kept // (batch * world)):
+            union = {x for s in shards for x in s[i * batch:(i + 1) * batch]}
+            assert union == set(single[i * batch * world:(i + 1) * batch * world])
+        samplers = [EpochShardSampler(n, batch, r, world, seed=3) for r in range(world)]
+        for s in samplers:
+            s.set_epoch(epoch)
+        assert [[i for i, _ in s] for s in samplers] == shards
+    assert shard_indices(n, batch, 0, world, 3, 0) != shard_indices(n, batch, 0, world, 3, 1)
+    assert shard_indices(n, batch, 0, world, 3, 0) != shard_indices(n, batch, 0, world, 4, 0)
+
+
+def test_slurm_launcher_config_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install 'fastmoco[slurm]'")
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="fastmoco.conf", version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=4"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (4, 8, 8)
+    assert launcher.max_num_timeout > 0  # time-outs requeue; the run resumes from run.dir
+
+
+def test_submitit_slurm_task_exports_its_rank(monkeypatch):
+    pytest.importorskip("submitit")
+    from fastmoco.distributed import _export_submitit_env
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        monkeypatch.setenv(k, "")  # recorded, so that the test's exports are undone afterwards
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    for k, v in dict(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="4242", SLURM_NTASKS="16",
+                     SLURM_PROCID="11", SLURM_LOCALID="3", SLURM_JOB_NUM_NODES="2",
+                     SLURM_NODEID="1", SLURM_JOB_NODELIST="gpu[007-008]").items():
+        monkeypatch.setenv(k, v)
+    _export_submitit_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("11", "16", "3")
+    assert os.environ["MASTER_ADDR"] == "gpu007"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"  # each task picks cuda:LOCAL_RANK
