@@ -150,13 +150,18 @@ def _gather_rng() -> list[dict[str, Any]]:
     return out
 
 
-def _decide_compile(cfg: TrainConfig, total_steps: int) -> bool:
-    choice = cfg.run.compile
-    if choice in ("on", "true", True):
+def _decide_compile(cfg: TrainConfig, total_steps: int, device: torch.device) -> bool:
+    """auto: compile on GPUs for runs long enough to repay the cold compile. Not on CPUs: there
+    the compiled step measured slower than eager (benchmarks/RESULTS.md, R18 CIFAR: 73.9 vs
+    95.7 images/s), on top of a ~50 s cold compile."""
+    choice = str(cfg.run.compile).lower()  # yaml reads a bare off/on as a boolean
+    if choice in ("on", "true"):
         return True
-    if choice in ("off", "false", False):
+    if choice in ("off", "false"):
         return False
-    return total_steps >= cfg.run.compile_min_steps
+    if choice != "auto":
+        raise ValueError(f"run.compile={cfg.run.compile!r}: choose auto, on or off")
+    return device.type == "cuda" and total_steps >= cfg.run.compile_min_steps
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -204,7 +209,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         budget = _TimeBudget(cfg.schedule.time_budget_min * 60.0, progress.step, device)
     else:
         progress.total_steps = total_steps
-    use_compile = _decide_compile(cfg, total_steps - progress.step)
+    use_compile = _decide_compile(cfg, total_steps - progress.step, device)
     log.info("device %s, %s, channels_last=%s, compile=%s (%s), %d process(es), batch %d per process, "
              "shuffle_bn=%s, %d steps per epoch, %d steps in all",
              device, str(dtype).removeprefix("torch."), cfg.run.channels_last, use_compile,

@@ -1,0 +1,178 @@
+"""fastmoco bench: the CLI smoke run (every arm, sane numbers), and that each arm does MoCo's work."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastmoco.bench import (
+    ArmDef, BenchConfig, CaseDef, PhaseTimer, Target, _apply, check_targets, drain,
+)
+from fastmoco.bench_reference import ReferenceMoCo
+from fastmoco.config import TrainConfig
+from fastmoco.kernels import infonce_loss_reference
+from fastmoco.model import MoCo
+
+TINY = ["backbone=resnet18_cifar", "+backbone.kwargs.channels=[8,16,32,64]", "method.queue_size=64",
+        "method.bn_splits=4", "schedule.batch_size=8", "data.image_size=16", "pipeline.num_workers=1",
+        "run.compile=off"]
+FAST_BENCH = ["bench.warmup=1", "bench.windows=2", "bench.steps_per_window=1", "bench.profile_steps=1",
+              "bench.ceilings.mm_size=128", "bench.ceilings.copy_mb=4", "bench.docs_chart=null"]
+
+
+def tiny_config(**method) -> TrainConfig:
+    cfg = _apply(TrainConfig(), [o.replace("backbone=resnet18_cifar", "backbone.cifar_stem=true")
+                                 for o in TINY])
+    for k, v in method.items():
+        setattr(cfg.method, k, v)
+    return cfg
+
+
+def test_cli_smoke_every_arm_and_mode_with_sane_numbers(tiny_cifar, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fastmoco.cli", "bench", *TINY, *FAST_BENCH,
+           f"data.root={tiny_cifar}", f"bench.out_dir={out}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((out / "bench_latest.json").read_text())
+    bench = result["bench"]
+    rows = result["cases"]["current"]["rows"]
+    have_lightly = __import__("importlib").util.find_spec("lightly") is not None
+    for arm in bench["arms"]:
+        modes = bench["arm_defs"][arm]["modes"] or bench["modes"]
+        got = {r["mode"]: r for r in rows if r["arm"] == arm}
+        assert set(got) == set(modes), (arm, set(got))
+        assert arm in res.stdout
+        for mode, r in got.items():
+            if arm.startswith("lightly") and not have_lightly:
+                assert "lightly" in r["skipped"]
+                continue
+            assert math.isfinite(r["img_s"]) and r["img_s"] > 0, (arm, mode, r)
+            assert r["img_s_min"] <= r["img_s"] <= r["img_s_max"]
+            assert len(r["windows"]) == 2
+            assert all(v >= 0 for v in r["phases_ms"].values())
+            if mode != "data":
+                assert r["phases_ms"]["forward"] > 0 and r["phases_ms"]["backward"] > 0
+                assert 0 < r["frac_ceiling"] < 1e4
+    ref = {r["mode"]: r for r in rows if r["arm"] == "reference"}
+    assert ref["model"]["x_reference"] == pytest.approx(1.0)
+    fast = {r["mode"]: r for r in rows if r["arm"] == "fastmoco"}
+    assert fast["model"]["dtype"] in ("bfloat16", "float32") and fast["model"]["channels_last"]
+    assert {r["dtype"] for r in rows if r["arm"] == "no_amp"} == {"float32"}
+    assert result["ceilings"]["mm_fp32_flops"] > 0 and result["ceilings"]["copy_bytes_s"] > 0
+    assert result["cases"]["current"]["flops_per_step"] > 0
+    assert result["setting"]["commit"] and "cpu" in result["setting"]["device"]
+    assert {t["name"] for t in result["targets"]} >= {"model-only ≥ 3× reference"}
+    assert list(out.glob("bench_*.png"))
+    assert "targets:" in res.stdout and "img/s" in res.stdout
+
+
+def _copy_by_order(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for a, b in zip(list(dst.parameters()) + list(dst.buffers()),
+                        list(src.parameters()) + list(src.buffers()), strict=True):
+            a.copy_(b.reshape(a.shape))
+
+
+def test_reference_arm_computes_the_same_step_as_fastmoco():
+    cfg = tiny_config(version="v2", queue_size=32, bn_splits=1, momentum=0.9, temperature=0.2)
+    torch.manual_seed(0)
+    fast = MoCo(cfg.backbone.name, version="v2", dim=cfg.method.dim, queue_size=32, momentum=0.9,
+                temperature=0.2, shuffle_bn="none", cifar_stem=True,
+                backbone_kwargs=dict(cfg.backbone.kwargs), loss_backend="torch", ema_backend="loop")
+    ref = ReferenceMoCo(cfg)
+    _copy_by_order(ref.encoder_q, fast.query_encoder)
+    with torch.no_grad():
+        for p in fast.key_encoder.parameters():  # a key encoder that differs from the query one
+            p.add_(0.01 * torch.randn_like(p))
+    _copy_by_order(ref.encoder_k, fast.key_encoder)
+    ref.queue.copy_(fast.queue.keys.T)
+    x_q, x_k = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    out = fast(x_q, x_k)
+    fast.enqueue(out.keys)
+    logits, labels = ref(x_q, x_k)
+    loss = F.cross_entropy(logits, labels)
+    assert loss.item() == pytest.approx(out.loss.item(), rel=1e-5)
+    torch.testing.assert_close(ref.queue.T, fast.queue.keys, rtol=1e-5, atol=1e-6)
+    for a, b in zip(ref.encoder_k.parameters(), fast.key_encoder.parameters()):
+        torch.testing.assert_close(a, b.reshape(a.shape), rtol=1e-5, atol=1e-6)
+
+
+def test_lightly_memory_bank_loss_is_moco_infonce():
+    pytest.importorskip("lightly")
+    from lightly.loss import NTXentLoss
+
+    crit = NTXentLoss(temperature=0.1, memory_bank_size=(48, 16))
+    q, k = torch.randn(6, 16, requires_grad=True), torch.randn(6, 16)
+    crit(q.detach().clone().requires_grad_(), k)  # fills 6 bank rows: the bank is now in use
+    bank = crit.memory_bank.bank.detach().clone()  # K×C
+    loss = crit(q, k)
+    expected, _ = infonce_loss_reference(F.normalize(q, dim=1), F.normalize(k, dim=1), bank, 0.1)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_phase_timer_counts_nested_phases_exclusively():
+    timer = PhaseTimer(torch.device("cpu"))
+    start = time.perf_counter()
+    with timer("forward"):
+        time.sleep(0.01)
+        with timer("ema"):
+            time.sleep(0.03)
+    wall = time.perf_counter() - start
+    assert timer.total["ema"] >= 0.03
+    assert timer.total["forward"] >= 0.01
+    assert timer.total["forward"] + timer.total["ema"] == pytest.approx(wall, abs=5e-3)
+
+
+def test_overrides_keep_command_line_semantics_and_refuse_groups():
+    cfg = _apply(TrainConfig(), ["run.compile=off", "data.eval_split=null", "data.train_split=."])
+    assert cfg.run.compile == "off" and cfg.data.eval_split is None and cfg.data.train_split == "."
+    with pytest.raises(ValueError, match="dotted keys"):
+        _apply(TrainConfig(), ["backbone=resnet50"])
+    with pytest.raises(ValueError, match="queue_size"):
+        _apply(TrainConfig(), ["method.queue_size=100"])
+
+
+def test_bench_config_names_unknown_arms_cases_and_modes():
+    with pytest.raises(ValueError, match="arm_defs"):
+        BenchConfig(arms=["nope"])
+    with pytest.raises(ValueError, match="case_defs"):
+        BenchConfig(cases=["nope"])
+    with pytest.raises(ValueError, match="bench.modes"):
+        BenchConfig(modes=["fast"])
+    BenchConfig(arms=["x"], arm_defs={"x": ArmDef()}, cases=["c"], case_defs={"c": CaseDef()})
+
+
+def test_targets_met_and_missed():
+    rows = [{"arm": "fastmoco", "mode": "model", "img_s": 90.0, "frac_bf16_ceiling": 0.8},
+            {"arm": "reference", "mode": "model", "img_s": 30.0},
+            {"arm": "fastmoco", "mode": "full", "img_s": 88.0}]
+    targets = [Target(name="3x", other="reference", min=3.0),
+               Target(name="ceil", metric="ceiling_bf16", min=0.9),
+               Target(name="full", mode="full", metric="vs_mode", other="model", min=0.95),
+               Target(name="absent", other="lightly", min=3.0)]
+    got = {t["name"]: t for t in check_targets({"c": {"rows": rows}}, targets)}
+    assert set(got) == {"3x", "ceil", "full"}
+    assert got["3x"]["met"] and got["3x"]["value"] == pytest.approx(3.0)
+    assert not got["ceil"]["met"]
+    assert got["full"]["met"] and got["full"]["value"] == pytest.approx(88 / 90)
+
+
+def test_drain_takes_prefetched_batches_until_one_must_be_made():
+    def loader():
+        for _ in range(3):
+            yield 0  # prefetched: ready at once
+        while True:
+            time.sleep(0.02)
+            yield 1
+
+    it = loader()
+    assert drain(it) == 3
+    assert next(it) == 1
