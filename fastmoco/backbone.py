@@ -50,5 +50,3 @@ def feature_dim(backbone: nn.Module) -> int:
 
 def has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-

@@ -259,6 +259,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     bar = _bar(rank, cfg, total_steps, progress.step)
     window_start, window_steps, ips = time.perf_counter(), 0, float("nan")
     last = {"loss": float("nan"), "pretext_top1": float("nan")}
+    run_start, run_start_step = time.perf_counter(), progress.step
     while progress.step < total_steps and not stop.requested:
         loader.set_epoch(progress.epoch)
         skip = progress.batch_in_epoch
@@ -313,6 +314,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         break
     if bar:
         bar.close()
+    elapsed = time.perf_counter() - run_start
+    if progress.step > run_start_step:  # the mean over this invocation, not the last window
+        ips = (progress.step - run_start_step) * images_per_step / elapsed
     if stop.requested and progress.step < total_steps:
         log.warning("stop requested: checkpointing at step %d to resume from", progress.step)
         _save(run_dir, progress.step, state_fn, rank, cfg)
