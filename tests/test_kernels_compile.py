@@ -68,3 +68,22 @@ def test_check_catches_a_bad_config():
         assert "infonce_partial[bf16,C=512,BN=64,BK=128" in text and f"sm_{arch}" in text
         assert "shared memory" in text and str(cc.SMEM_LIMIT[arch]) in text
         assert "spills" in text or "registers" in text, text
+
+
+def test_cubins_target_ampere_and_hopper():
+    """The checks read real sm_80/sm_90 binaries: GPUTarget reaches ptxas, the PTX says so."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    assert cc.ARCHS == (80, 90)
+    config = next(c for c in cc.all_configs(full=False) if c.kernel == "ema")
+    for arch in cc.ARCHS:
+        compiled = triton.compile(
+            ASTSource(cc._kernel_fn("ema"), dict(config.signature), dict(config.constexprs)),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+        )
+        assert compiled.metadata.target.arch == arch
+        assert f".target sm_{arch}" in compiled.asm["ptx"]
+        assert compiled.asm["cubin"][:4] == b"\x7fELF"
