@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

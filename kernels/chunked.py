@@ -6,6 +6,7 @@ the backward pass is a single scale: dL/dq_i = (Σ_j p_ij·key_j − key_pos(i))
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -101,28 +102,34 @@ def infonce_rows_chunked(
     return loss_rows, lse, correct, grad_rows
 
 
-class ChunkedInfoNCE(torch.autograd.Function):
-    """Mean InfoNCE loss; the gradient of q was computed in the forward pass."""
+class RowwiseInfoNCE(torch.autograd.Function):
+    """Mean InfoNCE loss from a rows function that also returns each row's dL/dq (the chunked
+    path here, the Triton kernels in infonce.py): backward only scales that gradient."""
 
     @staticmethod
-    def forward(ctx, q, pos, candidates, temperature, pos_offset, chunk):  # type: ignore[override]
-        loss_rows, _, correct, grad_rows = infonce_rows_chunked(
-            q, pos, candidates, temperature, pos_offset, chunk, need_grad=ctx.needs_input_grad[0]
+    def forward(ctx, rows_fn, q, pos, candidates, temperature, pos_offset):  # type: ignore[override]
+        loss_rows, _, correct, grad_rows = rows_fn(
+            q, pos, candidates, temperature, pos_offset, need_grad=ctx.needs_input_grad[1]
         )
-        # candidates/pos are saved only for their version counters: an in-place enqueue
-        # between forward and backward then raises instead of silently using stale keys.
+        # pos/candidates are saved for their version counters only: an in-place enqueue before
+        # backward raises torch's "modified by an inplace operation" instead of a silent mismatch.
         ctx.save_for_backward(grad_rows, pos, candidates)
         ctx.n, ctx.q_dtype = q.shape[0], q.dtype
+        correct = correct.bool()
         ctx.mark_non_differentiable(correct)
         return loss_rows.mean(), correct
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct):  # type: ignore[override]
         grad_rows, _, _ = ctx.saved_tensors
-        if grad_rows is None:
-            return (None,) * 6
-        grad_q = (grad_rows * (grad_loss / ctx.n)).to(ctx.q_dtype)
-        return grad_q, None, None, None, None, None
+        grad_q = None if grad_rows is None else (grad_rows * (grad_loss / ctx.n)).to(ctx.q_dtype)
+        return None, grad_q, None, None, None, None
+
+
+def rowwise_infonce(rows_fn, q, pos, candidates, temperature, pos_offset):
+    """(mean loss, top-1 accuracy in percent) through `rows_fn`; only q gets a gradient."""
+    loss, correct = RowwiseInfoNCE.apply(rows_fn, q, pos, candidates.detach(), temperature, pos_offset)
+    return loss, correct.float().mean() * 100.0
 
 
 def infonce_chunked(
@@ -135,5 +142,5 @@ def infonce_chunked(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss, top-1 accuracy in percent) through the chunked online-LSE path."""
     check_infonce_inputs(q, pos, candidates, temperature, "infonce_chunked")
-    loss, correct = ChunkedInfoNCE.apply(q, pos, candidates.detach(), temperature, pos_offset, chunk)
-    return loss, correct.float().mean() * 100.0
+    rows_fn = functools.partial(infonce_rows_chunked, chunk=chunk)
+    return rowwise_infonce(rows_fn, q, pos, candidates, temperature, pos_offset)

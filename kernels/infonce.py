@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .chunked import check_infonce_inputs
+from .chunked import check_infonce_inputs, rowwise_infonce
 
 LOG2E = 1.4426950408889634
 
@@ -285,30 +285,6 @@ def infonce_rows_triton(
     return loss, lse, correct, grad_rows if need_grad else None
 
 
-class TritonInfoNCE(torch.autograd.Function):
-    """Mean InfoNCE loss; the forward kernels already produced dL/dq up to the output grad."""
-
-    @staticmethod
-    def forward(ctx, q, pos, candidates, temperature, pos_offset):  # type: ignore[override]
-        loss_rows, _, correct, grad_rows = infonce_rows_triton(
-            q, pos, candidates, temperature, pos_offset, need_grad=ctx.needs_input_grad[0]
-        )
-        # pos/candidates are saved for their version counters only: an in-place enqueue before
-        # backward raises torch's "modified by an inplace operation" instead of a silent mismatch.
-        ctx.save_for_backward(grad_rows, pos, candidates)
-        ctx.n, ctx.q_dtype = q.shape[0], q.dtype
-        correct = correct.bool()
-        ctx.mark_non_differentiable(correct)
-        return loss_rows.mean(), correct
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_correct):  # type: ignore[override]
-        grad_rows, _, _ = ctx.saved_tensors
-        if grad_rows is None:
-            return None, None, None, None, None
-        return (grad_rows * (grad_loss / ctx.n)).to(ctx.q_dtype), None, None, None, None
-
-
 def infonce_triton(
     q: torch.Tensor,
     pos: torch.Tensor,
@@ -317,6 +293,5 @@ def infonce_triton(
     pos_offset: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss, top-1 accuracy in percent) through the fused Triton kernels."""
-    loss, correct = TritonInfoNCE.apply(q, pos, candidates.detach(), temperature, pos_offset)
-    return loss, correct.float().mean() * 100.0
+    return rowwise_infonce(infonce_rows_triton, q, pos, candidates, temperature, pos_offset)
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,21 @@ def tiny_cifar(tmp_path_factory, cifar_root) -> Path:
             for f in sorted((cifar_root / split / cls).iterdir())[:n]:
                 (d / f.name).symlink_to(f)
     return out
+
+
+@pytest.fixture
+def rerun_in_triton_interpreter():
+    """Run a test file's Triton cases again in a TRITON_INTERPRET=1 subprocess: the flag must be
+    set before triton is first imported, and this process imports it for the compile checks."""
+    def rerun(test_file: str, selection: str) -> None:
+        from fastmoco.kernels.infonce import interpreter_active
+
+        if interpreter_active():
+            pytest.skip("this process is the interpreter run")
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        cmd = [sys.executable, "-m", "pytest", test_file, "-q", "-x", "-p", "no:cacheprovider",
+               "-k", selection]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+        assert " passed" in r.stdout, r.stdout[-2000:]
+    return rerun

@@ -5,9 +5,6 @@ Triton cases run on CPU only in a TRITON_INTERPRET=1 subprocess (see tests/test_
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -187,16 +184,9 @@ def test_triton_flat_kernel_tail_block():
     assert torch.equal(big_t[n:], guard)
 
 
-def test_triton_cases_in_interpreter():
+def test_triton_cases_in_interpreter(rerun_in_triton_interpreter):
     """Re-run the `interp` cases of this file in a TRITON_INTERPRET=1 subprocess."""
-    if INTERP:
-        pytest.skip("this process is the interpreter run")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
-           "-k", "triton and not in_interpreter"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
-    assert " passed" in r.stdout, r.stdout[-2000:]
+    rerun_in_triton_interpreter(__file__, "triton and not in_interpreter")
 
 
 @pytest.mark.gpu

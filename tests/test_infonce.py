@@ -9,9 +9,6 @@ re-runs exactly them in a TRITON_INTERPRET=1 subprocess and fails with its outpu
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -237,16 +234,9 @@ def test_triton_wide_features():
           reference(q, k, queue, 0.2), torch.float32, 3)
 
 
-def test_triton_cases_in_interpreter():
+def test_triton_cases_in_interpreter(rerun_in_triton_interpreter):
     """Re-run the `interp` cases of this file in a TRITON_INTERPRET=1 subprocess."""
-    if INTERP:
-        pytest.skip("this process is the interpreter run")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
-           "-k", "triton and not in_interpreter and not without_interpreter"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
-    assert " passed" in r.stdout, r.stdout[-2000:]
+    rerun_in_triton_interpreter(__file__, "triton and not in_interpreter and not without_interpreter")
 
 
 # ---------------------------------------------------------------- GPU (lent machines only)
