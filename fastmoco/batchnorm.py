@@ -1,58 +1,94 @@
 """How the key encoder's BatchNorm is kept from leaking the positive (the paper's shuffle BN)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 SHUFFLE_BN_MODES = ("auto", "ddp", "split", "sync", "none")
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm whose training statistics come from `num_splits` interleaved sub-batches,
-    as if each were on its own GPU (the MoCo CIFAR demo's single-process shuffle BN)."""
+    """BatchNorm for one process that simulates `bn_splits` GPUs (the MoCo CIFAR demo's split BN).
 
-    def __init__(self, num_features: int, num_splits: int, **kwargs) -> None:
+    The encoder runs once per sub-batch (`forward_in_splits`), so each call normalises with its own
+    sub-batch's statistics; the running statistics then take one momentum step towards the mean of
+    the sub-batch statistics, exactly as the demo's reshaped BN does. Running the sub-batches one
+    after another keeps every tensor channels-last and in cache, where the demo's reshape
+    copies each activation to NCHW and back.
+    """
+
+    def __init__(self, num_features: int, **kwargs) -> None:
         super().__init__(num_features, **kwargs)
-        self.num_splits = num_splits
+        # Sums of the sub-batch statistics since the last commit: not part of the state dict.
+        self.register_buffer("split_mean_sum", torch.zeros(num_features), persistent=False)
+        self.register_buffer("split_var_sum", torch.zeros(num_features), persistent=False)
+        self.register_buffer("split_calls", torch.zeros((), dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.num_splits
-        if not self.training or s == 1:
+        if not self.training or not self.track_running_stats:
             return super().forward(x)
-        n, c, h, w = x.shape
-        if n % s != 0:
-            raise ValueError(
-                f"batch per process {n} is not a multiple of method.bn_splits={s}: "
-                f"change the batch size or bn_splits"
-            )
-        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
-        out = F.batch_norm(
-            x.reshape(-1, c * s, h, w), mean, var,
-            self.weight.repeat(s), self.bias.repeat(s),
-            True, self.momentum, self.eps,
-        ).view(n, c, h, w)
+        out, mean, invstd = torch.native_batch_norm(
+            x, self.weight, self.bias, None, None, True, 0.0, self.eps)
         with torch.no_grad():
-            self.running_mean.copy_(mean.view(s, c).mean(0))
-            self.running_var.copy_(var.view(s, c).mean(0))
-            self.num_batches_tracked.add_(1)
-        if x.is_contiguous(memory_format=torch.channels_last):
-            out = out.contiguous(memory_format=torch.channels_last)
+            n = x.numel() // x.shape[1]
+            self.split_mean_sum.add_(mean)
+            # Running variance is unbiased, as in nn.BatchNorm2d.
+            self.split_var_sum.add_((invstd.pow(-2) - self.eps) * (n / max(n - 1, 1)))
+            self.split_calls.add_(1)
         return out
 
+    @torch.no_grad()
+    def commit_(self) -> None:
+        """One momentum step of the running statistics towards the mean over the sub-batches."""
+        self.num_batches_tracked.add_(1)
+        # momentum=None is nn.BatchNorm2d's cumulative average.
+        factor = (1.0 / self.num_batches_tracked.double()).item() if self.momentum is None \
+            else self.momentum
+        calls = self.split_calls.clamp(min=1)
+        self.running_mean.lerp_(self.split_mean_sum / calls, factor)
+        self.running_var.lerp_(self.split_var_sum / calls, factor)
+        self.split_mean_sum.zero_()
+        self.split_var_sum.zero_()
+        self.split_calls.zero_()
 
-def convert_split_bn_(module: nn.Module, num_splits: int) -> nn.Module:
+
+def forward_in_splits(
+    module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, splits: int,
+    norms: list[SplitBatchNorm2d],
+) -> torch.Tensor:
+    """`module` over `splits` contiguous sub-batches of x, then one running-statistics step."""
+    n = x.shape[0]
+    if n % splits != 0:
+        raise ValueError(
+            f"batch per process {n} is not a multiple of method.bn_splits={splits}: "
+            f"change the batch size or bn_splits"
+        )
+    out = torch.cat([module(chunk) for chunk in x.chunk(splits)])
+    for bn in norms:
+        bn.commit_()
+    return out
+
+
+def split_norms(module: nn.Module) -> list[SplitBatchNorm2d]:
+    """The split BN layers of `module` that are collecting statistics (training mode)."""
+    return [m for m in module.modules()
+            if isinstance(m, SplitBatchNorm2d) and m.training and m.track_running_stats]
+
+
+def convert_split_bn_(module: nn.Module) -> nn.Module:
     """Replace every plain nn.BatchNorm2d (exact type: subclasses carry extra behaviour) in place."""
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
             new = SplitBatchNorm2d(
-                child.num_features, num_splits, eps=child.eps, momentum=child.momentum,
+                child.num_features, eps=child.eps, momentum=child.momentum,
                 affine=child.affine, track_running_stats=child.track_running_stats,
             )
             new.load_state_dict(child.state_dict())
             setattr(module, name, new)
         else:
-            convert_split_bn_(child, num_splits)
+            convert_split_bn_(child)
     return module
 
 

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmoco.backbone import create_backbone, feature_dim, has_batchnorm
-from fastmoco.batchnorm import convert_split_bn_, resolve_shuffle_bn
+from fastmoco.batchnorm import (
+    convert_split_bn_, forward_in_splits, resolve_shuffle_bn, split_norms,
+)
 from fastmoco.distributed import (
     batch_shuffle, batch_unshuffle, concat_all_gather, get_rank, get_world_size,
 )
@@ -62,8 +64,11 @@ class MoCo(nn.Module):
         self.loss_backend = loss_backend
         self.ema_backend = ema_backend
         self.shuffle_bn = resolve_shuffle_bn(shuffle_bn, get_world_size(), has_batchnorm(backbone))
+        if bn_splits < 1:
+            raise ValueError(f"method.bn_splits={bn_splits}: choose 1 or more")
+        self.bn_splits = bn_splits
         if self.shuffle_bn == "split":
-            convert_split_bn_(backbone, bn_splits)
+            convert_split_bn_(backbone)
         elif self.shuffle_bn == "sync":
             backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
 
@@ -91,8 +96,21 @@ class MoCo(nn.Module):
         """θ_k ← m·θ_k + (1−m)·θ_q over the parameters; the key encoder's BN buffers stay its own."""
         ema_update_(self.key_encoder, self.query_encoder, momentum, backend=self.ema_backend)
 
+    def compile_encoders(self) -> None:
+        """torch.compile each backbone and head (split BN calls the backbone once per sub-batch)."""
+        for encoder in (self.query_encoder, self.key_encoder):
+            for part in encoder:
+                part.compile()
+
+    def _encode(self, encoder: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if self.shuffle_bn != "split":
+            return encoder(x)
+        backbone, head = encoder
+        splits = self.bn_splits if backbone.training else 1
+        return head(forward_in_splits(backbone, x, splits, split_norms(backbone)))
+
     def _query(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.query_encoder(x)  # N×C
+        q = self._encode(self.query_encoder, x)  # N×C
         if self.predictor is not None:
             q = self.predictor(q)
         return F.normalize(q.float(), dim=1)
@@ -101,9 +119,9 @@ class MoCo(nn.Module):
     def _key(self, x: torch.Tensor) -> torch.Tensor:
         if self.shuffle_bn in ("ddp", "split"):
             x, idx_unshuffle = batch_shuffle(x)
-            k = F.normalize(self.key_encoder(x).float(), dim=1)  # N×C
+            k = F.normalize(self._encode(self.key_encoder, x).float(), dim=1)  # N×C
             return batch_unshuffle(k, idx_unshuffle)
-        return F.normalize(self.key_encoder(x).float(), dim=1)
+        return F.normalize(self._encode(self.key_encoder, x).float(), dim=1)
 
     def _contrast(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.queue is None:  # v3: in-batch keys of all processes, scaled by 2T as in the paper

@@ -215,8 +215,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
              device, str(dtype).removeprefix("torch."), cfg.run.channels_last, use_compile,
              cfg.run.compile, world, local_batch, moco.shuffle_bn, steps_per_epoch, total_steps)
     if use_compile:
-        moco.query_encoder.compile()
-        moco.key_encoder.compile()
+        moco.compile_encoders()
 
     model: nn.Module = moco
     if world > 1:

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmoco import MoCo
-from fastmoco.batchnorm import SplitBatchNorm2d, convert_split_bn_
+from fastmoco.batchnorm import (
+    SplitBatchNorm2d, convert_split_bn_, forward_in_splits, split_norms,
+)
 from fastmoco.distributed import batch_shuffle, batch_unshuffle
 from fastmoco.queue import KeyQueue
 
@@ -99,33 +101,74 @@ def test_queue_rejects_batch_that_does_not_divide_k():
         queue.enqueue(torch.zeros(4, 4))
 
 
-def test_split_bn_equals_bn_per_interleaved_sub_batch():
+def _conv_bn_net(bn: type, **kw) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), bn(6, **kw), nn.ReLU(),
+                         nn.Conv2d(6, 5, 3, stride=2), bn(5, **kw), nn.Flatten())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_split_bn_matches_the_cifar_demos_split_bn(channels_last):
+    """Sub-batches run one at a time give the demo's reshaped BN exactly: outputs, parameter
+    gradients and running statistics (its sub-batches are interleaved, ours contiguous)."""
+    from fastmoco.bench_reference import SplitBatchNorm
+
     torch.manual_seed(0)
-    bn = SplitBatchNorm2d(6, num_splits=4)
-    x = torch.randn(16, 6, 5, 5)
-    y = bn(x)
-    for s in range(4):
-        sub = x[s::4]
-        ref = (sub - sub.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
-            sub.var((0, 2, 3), unbiased=False, keepdim=True) + bn.eps)
-        torch.testing.assert_close(y[s::4], ref, rtol=1e-4, atol=1e-5)
-    # Running stats: the mean over sub-batches of the usual update.
-    exp_mean = 0.1 * torch.stack([x[s::4].mean((0, 2, 3)) for s in range(4)]).mean(0)
-    torch.testing.assert_close(bn.running_mean, exp_mean, rtol=1e-4, atol=1e-6)
-    bn.eval()
-    torch.testing.assert_close(bn(x), F.batch_norm(x, bn.running_mean, bn.running_var,
-                                                   bn.weight, bn.bias, False, 0.0, bn.eps))
+    s, n = 4, 16
+    demo = _conv_bn_net(SplitBatchNorm, num_splits=s)
+    ours = convert_split_bn_(_conv_bn_net(nn.BatchNorm2d))
+    ours.load_state_dict(demo.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    demo.double()  # float64, so the comparison is exact to 1e-9 whatever the summation order
+    ours.double().to(memory_format=fmt)
+    for step in range(3):  # several steps: the running statistics compound
+        x = torch.randn(n, 3, 8, 8, dtype=torch.float64)
+        # The demo's sub-batch j is samples j, j+s, j+2s...; ours is the j-th contiguous block.
+        interleaved = x.view(s, n // s, 3, 8, 8).transpose(0, 1).reshape(n, 3, 8, 8)
+        y_demo = demo(interleaved).view(n // s, s, -1).transpose(0, 1).reshape(n, -1)
+        y = forward_in_splits(ours, x.contiguous(memory_format=fmt), s, split_norms(ours))
+        torch.testing.assert_close(y, y_demo, rtol=1e-9, atol=1e-9)
+        g = torch.randn_like(y)
+        demo.zero_grad()
+        ours.zero_grad()
+        y_demo.backward(g)
+        y.backward(g)
+        for (name, p_demo), p in zip(demo.named_parameters(), ours.parameters()):
+            torch.testing.assert_close(p.grad, p_demo.grad, rtol=1e-9, atol=1e-9,
+                                       msg=lambda m: f"{name}: {m}")
+    ours_buffers = dict(ours.named_buffers())
+    for name, b_demo in demo.named_buffers():
+        if name.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(ours_buffers[name], b_demo, rtol=1e-9, atol=1e-9, msg=name)
+    assert int(ours[1].num_batches_tracked) == 3
+    ours.eval()
+    demo.eval()
+    torch.testing.assert_close(ours(x), demo(x), rtol=1e-9, atol=1e-9)
 
 
-def test_split_bn_keeps_channels_last():
-    bn = SplitBatchNorm2d(4, num_splits=2)
+def test_split_bn_cumulative_average_when_momentum_is_none():
+    torch.manual_seed(0)
+    bn = SplitBatchNorm2d(3, momentum=None)
+    batches = [torch.randn(8, 3, 4, 4) + i for i in range(3)]
+    for x in batches:
+        forward_in_splits(bn, x, 2, [bn])
+    sub_means = [torch.stack([b[:4].mean((0, 2, 3)), b[4:].mean((0, 2, 3))]).mean(0)
+                 for b in batches]
+    # Momentum None averages the steps seen so far, starting from the initial zeros.
+    torch.testing.assert_close(bn.running_mean, torch.stack(sub_means).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_split_bn_keeps_channels_last_and_checks_the_batch():
+    bn = SplitBatchNorm2d(4)
     x = torch.randn(4, 4, 3, 3).contiguous(memory_format=torch.channels_last)
-    assert bn(x).is_contiguous(memory_format=torch.channels_last)
+    assert forward_in_splits(bn, x, 2, [bn]).is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="not a multiple of method.bn_splits=3"):
+        forward_in_splits(bn, x, 3, [bn])
+    assert "split_mean_sum" not in bn.state_dict()  # checkpoints keep nn.BatchNorm2d's keys
 
 
 def test_convert_split_bn_replaces_only_plain_batchnorm():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4)))
-    convert_split_bn_(net, 2)
+    convert_split_bn_(net)
     assert isinstance(net[1], SplitBatchNorm2d) and isinstance(net[2][0], SplitBatchNorm2d)
 
 
