@@ -118,7 +118,14 @@ def ema_case(model_name: str, device: torch.device, reps: int) -> list[dict]:
     tgt = timm.create_model(model_name, pretrained=False, num_classes=0).to(device)
     t_list, s_list = list(tgt.parameters()), list(src.parameters())
     numel = sum(p.numel() for p in t_list)
+
+    @torch.no_grad()
+    def authors_loop() -> None:  # facebookresearch/moco builder.py: a new tensor per parameter
+        for param_k, param_q in zip(t_list, s_list):
+            param_k.data = param_k.data * 0.99 + param_q.data * (1.0 - 0.99)
+
     times = {
+        "authors_loop": median_ms(authors_loop, device, reps),
         "loop": median_ms(lambda: ema_update_reference_(t_list, s_list, 0.99), device, reps),
         "foreach": median_ms(lambda: ema_update_(t_list, s_list, 0.99, backend="foreach"),
                              device, reps),
@@ -128,7 +135,8 @@ def ema_case(model_name: str, device: torch.device, reps: int) -> list[dict]:
     times["copy"] = median_ms(lambda: flat_t.copy_(flat_s), device, reps)
     rows = []
     for name, ms in times.items():
-        moved = flat_t.element_size() * numel * (2 if name == "copy" else 3)
+        passes = {"copy": 2, "authors_loop": 6, "loop": 5}.get(name, 3)  # tensor reads + writes
+        moved = flat_t.element_size() * numel * passes
         rows.append(dict(bench="ema", provider=name, model=model_name, params=numel, ms=ms,
                          gbps=moved / (ms / 1e3) / 1e9))
     summary = "  ".join(f"{r['provider']} {r['ms']:.2f} ms ({r['gbps']:.1f} GB/s)" for r in rows)
@@ -155,12 +163,12 @@ def plot(rows: list[dict], path: Path) -> None:
                 title="InfoNCE, N=256, C=128, fp32")
     axes[0].legend()
     models = sorted({r["model"] for r in ema})
-    provs = ["loop", "foreach", "flat", "copy"]
+    provs = ["authors_loop", "loop", "foreach", "flat", "copy"]
     for i, prov in enumerate(provs):
         vals = [next(r["ms"] for r in ema if r["model"] == m and r["provider"] == prov)
                 for m in models]
-        axes[1].bar([j + 0.2 * i for j in range(len(models))], vals, width=0.2, label=prov)
-    axes[1].set_xticks([j + 0.3 for j in range(len(models))], models)
+        axes[1].bar([j + 0.16 * i for j in range(len(models))], vals, width=0.16, label=prov)
+    axes[1].set_xticks([j + 0.32 for j in range(len(models))], models)
     axes[1].set(ylabel="ms per update", title="EMA over all parameters")
     axes[1].legend()
     fig.tight_layout()
@@ -171,6 +179,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes only (smoke test)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    ap.add_argument("--only", choices=["infonce", "ema"], help="run one of the two benchmarks")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reps = 3 if device.type == "cpu" else 0
@@ -193,13 +202,15 @@ def main() -> None:
         compile_at = set(cases)
         dtypes = [torch.float32, torch.bfloat16]
     rows = []
-    for dtype in dtypes:
+    for dtype in dtypes if args.only != "ema" else []:
         for case in cases:
             provs = dict(providers)
             if case in compile_at and not args.no_compile:
                 provs.update(compiled)
             rows += infonce_case(*case, dtype, device, reps, provs, rates)
-    for model in (["resnet18"] if args.quick else ["resnet18", "resnet50", "vit_base_patch16_224"]):
+    models = [] if args.only == "infonce" else ["resnet18"] if args.quick else [
+        "resnet18", "resnet50", "vit_base_patch16_224"]
+    for model in models:
         rows += ema_case(model, device, reps=5 if device.type == "cpu" else 0)
     OUT.mkdir(exist_ok=True)
     meta = dict(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
