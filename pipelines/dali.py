@@ -63,8 +63,12 @@ def color(images, view: ViewRecipe):
 
 
 def blur(images, view: ViewRecipe):
-    """Gaussian blur, window ~10% of the crop, sigma uniform in blur_sigma."""
-    return fn.gaussian_blur(images, window_size=view.blur_kernel, sigma=fn.random.uniform(range=list(view.blur_sigma)))
+    """Gaussian blur, sigma uniform in blur_sigma, as the authors' PIL GaussianBlur(radius=sigma).
+
+    No fixed window: DALI sizes each sample's window from its sigma (2·ceil(3σ)+1, 99.7 % of the
+    kernel's mass). A 23-px window (10 % of 224) holds the same kernel padded with near-zero taps
+    and cost twice the time of the whole rest of the view on the CPU."""
+    return fn.gaussian_blur(images, sigma=fn.random.uniform(range=list(view.blur_sigma)))
 
 
 def solarize(images):

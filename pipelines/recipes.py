@@ -44,16 +44,6 @@ class ViewRecipe:
         if not 0.0 <= self.jitter[3] <= 0.5 or min(self.jitter) < 0:
             raise ValueError(f"ViewRecipe.jitter={self.jitter}: factors must be >= 0 and hue <= 0.5")
 
-    @property
-    def blur_kernel(self) -> int:
-        """Odd Gaussian window of ~10% of the crop size (SimCLR / MoCo v2 convention)."""
-        return blur_kernel_size(self.size)
-
-
-def blur_kernel_size(size: int) -> int:
-    """Odd kernel size closest to 10% of `size`: 224 -> 23, 96 -> 9, 32 -> 3."""
-    return int(0.1 * size) // 2 * 2 + 1
-
 
 @dataclass(frozen=True)
 class TwoViewRecipe:

@@ -3,7 +3,7 @@ from dataclasses import asdict
 
 import pytest
 
-from fastmoco.pipelines.recipes import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, ViewRecipe, blur_kernel_size, get_recipe
+from fastmoco.pipelines.recipes import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, ViewRecipe, get_recipe
 
 
 def _diff(a: ViewRecipe, b: ViewRecipe) -> dict:
@@ -32,12 +32,10 @@ def test_cifar_recipe():
     assert (c.jitter, c.jitter_p, c.grayscale_p, c.flip_p) == ((0.4, 0.4, 0.4, 0.1), 0.8, 0.2, 0.5)
 
 
-def test_size_override_and_blur_kernel():
+def test_size_override():
     r = get_recipe("v3", size=96)
     assert r.query.size == r.key.size == r.size == 96
     assert _diff(r.query, r.key) == _diff(get_recipe("v3").query, get_recipe("v3").key)
-    assert [blur_kernel_size(s) for s in (224, 96, 32, 160)] == [23, 9, 3, 17]
-    assert get_recipe("v2").query.blur_kernel == 23
 
 
 @pytest.mark.parametrize("bad", [dict(blur_p=1.5), dict(flip_p=-0.1), dict(crop_scale=(0.5, 0.2)),
