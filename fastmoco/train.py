@@ -88,29 +88,43 @@ class Progress:
 
 class _TimeBudget:
     """schedule.time_budget_min: after a short calibration, fix the number of steps so that
-    pretraining ends within the budget; rank 0 decides for every process."""
+    pretraining ends within the budget, then re-plan twice on the pace so far (epoch ends,
+    checkpoints and a machine that slows down are not in the first steps); rank 0 decides for
+    every process."""
 
     CALIBRATE = (3, 13)  # measure the step time over these steps (after the warm-up steps)
+    REPLAN = (0.1, 0.5)  # fractions of the first plan at which to re-plan
 
     def __init__(self, seconds: float, start_step: int, device: torch.device) -> None:
         self.seconds, self.start, self.device = seconds, start_step, device
         self.t0 = time.perf_counter()
         self.mark: Optional[float] = None
+        self.mark_step = 0
         self.total_steps = 0
+        self.cap = 0  # the schedule's own number of steps: a budget never adds steps
+        self.replan_at: set[int] = set()
 
     def decide(self, step: int, planned: int) -> bool:
+        """True when this step fixed (or re-fixed) `total_steps`."""
         done = step - self.start
         if done == self.CALIBRATE[0]:
-            self.mark = time.perf_counter()
-        if done != self.CALIBRATE[1] or self.mark is None:
+            self.mark, self.mark_step = time.perf_counter(), step
+        if self.mark is None or not (done == self.CALIBRATE[1] or step in self.replan_at):
             return False
+        first = not self.total_steps
+        if first:
+            self.cap = planned
         now = time.perf_counter()
-        per_step = (now - self.mark) / (self.CALIBRATE[1] - self.CALIBRATE[0])
-        total = step + max(0, int((self.seconds - (now - self.t0)) / per_step))
-        decided = torch.tensor([min(planned, total)], dtype=torch.long, device=self.device)
+        per_step = (now - self.mark) / (step - self.mark_step)  # the pace since the last plan
+        self.mark, self.mark_step = now, step
+        total = step + max(1, int((self.seconds - (now - self.t0)) / per_step))
+        decided = torch.tensor([min(self.cap, total)], dtype=torch.long, device=self.device)
         if is_distributed():
             dist.broadcast(decided, src=0)
         self.total_steps = int(decided.item())
+        if first:
+            self.replan_at = {self.start + int(f * (self.total_steps - self.start))
+                              for f in self.REPLAN} - {step}
         return True
 
 
@@ -275,9 +289,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             window_steps += 1
             if budget is not None and budget.decide(progress.step, total_steps):
                 total_steps = progress.total_steps = budget.total_steps
-                budget = None
-                log.info("time budget %.1f min: %d steps in all", cfg.schedule.time_budget_min,
-                         total_steps)
+                log.info("time budget %.1f min: %d steps in all (planned at step %d)",
+                         cfg.schedule.time_budget_min, total_steps, progress.step)
                 if bar:
                     bar.total = total_steps
             if progress.step % cfg.run.log_every == 0 or progress.step == total_steps:

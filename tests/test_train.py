@@ -132,3 +132,31 @@ def test_experiment_presets_compose():
     assert (c.method.queue_size, c.method.momentum, c.method.temperature) == (4096, 0.99, 0.1)
     assert (c.optim.lr, c.optim.weight_decay, c.schedule.batch_size, c.schedule.epochs) == (0.06, 5e-4, 512, 200)
     assert c.backbone.cifar_stem
+
+
+def test_time_budget_replans_on_the_pace_so_far(monkeypatch):
+    """1 s steps for 100 s of budget plan ~100 steps; when steps slow to 2 s, the re-plans at
+    10 % and 50 % of the plan cut the run so that it still ends within the budget."""
+    from fastmoco import train as train_mod
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(train_mod.time, "perf_counter", lambda: clock["t"])
+    budget = train_mod._TimeBudget(100.0, start_step=0, device=torch.device("cpu"))
+    total, decisions = 10_000, []
+    step = 0
+    while step < total:
+        clock["t"] += 1.0 if step < 20 else 2.0  # the machine slows down after 20 steps
+        step += 1
+        if budget.decide(step, total):
+            total = budget.total_steps
+            decisions.append((step, total))
+    assert decisions[0] == (13, 100), decisions  # the first plan: 1 s per step, 100 s
+    assert len(decisions) == 2 and decisions[1][0] == 50, decisions  # 10 % of 100 came before 13
+    assert clock["t"] <= 100.0 * 1.03, (clock["t"], decisions)  # without re-plans: 180 s
+    # A budget never adds steps beyond the schedule's own.
+    clock["t"] = 0.0
+    short = train_mod._TimeBudget(100.0, start_step=0, device=torch.device("cpu"))
+    for step in range(1, 14):
+        clock["t"] += 1.0
+        short.decide(step, 50)
+    assert short.total_steps == 50
