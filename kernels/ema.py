@@ -149,11 +149,9 @@ def ema_update_foreach_(
 def ema_update_flat_(
     target: Sequence[torch.Tensor], source: Sequence[torch.Tensor], momentum: float, use_triton: bool
 ) -> None:
-    """One multi-tensor lerp over the flat buffers (torch), or one Triton launch per pair."""
-    if not use_triton:
-        # _foreach_lerp_ on the flat buffers ran at copy rate on the CPU; Tensor.lerp_ took 1.2×
-        # as long for the same bytes (benchmarks/RESULTS.md).
-        torch._foreach_lerp_(list(target), list(source), 1.0 - momentum)
-        return
+    """One lerp_ (torch) or one Triton launch per flat buffer pair."""
     for t, s in zip(target, source, strict=True):
-        ema_flat_triton_(t, s, momentum)
+        if use_triton:
+            ema_flat_triton_(t, s, momentum)
+        else:
+            t.lerp_(s, 1.0 - momentum)

@@ -104,16 +104,6 @@ def _two_view(files: list[str], recipe: TwoViewRecipe, gpu: bool, dtype: types.D
     return augment_view(images, recipe.query, dtype), augment_view(images, recipe.key, dtype)
 
 
-def execution(device_id: int | None) -> dict:
-    """How a training pipeline runs. With a GPU, ahead of the step (prefetch 2, asynchronous).
-    On a CPU, only when the step asks for a batch: the model's threads already use every core, and
-    a pipeline running beside them preempts them mid-operator (R18 CIFAR: 87.6 % of the model-only
-    rate overlapped, against 98 % sequential; benchmarks/RESULTS.md)."""
-    if device_id is not None:
-        return dict(prefetch_queue_depth=2, exec_dynamic=True)
-    return dict(prefetch_queue_depth=1, exec_dynamic=True, exec_async=False, exec_pipelined=False)
-
-
 def two_view_pipeline(files: Sequence[str], recipe: TwoViewRecipe, batch_size: int, *, device_id: int | None,
                       num_threads: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32,
                       gpu: bool | None = None) -> Pipeline:
@@ -124,7 +114,7 @@ def two_view_pipeline(files: Sequence[str], recipe: TwoViewRecipe, batch_size: i
     gpu = device_id is not None if gpu is None else gpu
     return _two_view(list(files), recipe, gpu, output_dtype(dtype), batch_size=batch_size,
                      num_threads=num_threads, device_id=device_id, seed=seed % 2**31,
-                     **execution(device_id))
+                     prefetch_queue_depth=2, exec_dynamic=True)
 
 
 @pipeline_def
@@ -309,7 +299,7 @@ class DaliShardTwoViewLoader:
                              self.rank, self.world_size, self.buffer, batch_size=self.batch_size,
                              num_threads=self.num_threads, device_id=self.device_id,
                              seed=(self.seed * 1_000_003 + self.epoch * 1009 + self.rank * 7 + first_step) % 2**31,
-                             **execution(self.device_id))
+                             prefetch_queue_depth=2, exec_dynamic=True)
         return DALIGenericIterator(pipe, ["q", "k"], reader_name="reader", auto_reset=False,
                                    last_batch_policy=LastBatchPolicy.DROP)
 
