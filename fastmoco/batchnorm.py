@@ -3,8 +3,14 @@ from __future__ import annotations
 
 from typing import Callable
 
+import logging
+
 import torch
 from torch import nn
+
+from fastmoco.backbone import has_batchnorm
+
+log = logging.getLogger(__name__)
 
 SHUFFLE_BN_MODES = ("auto", "ddp", "split", "sync", "none")
 
@@ -16,7 +22,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     sub-batch's statistics; the running statistics then take one momentum step towards the mean of
     the sub-batch statistics, exactly as the demo's reshaped BN does. Running the sub-batches one
     after another keeps every tensor channels-last and in cache, where the demo's reshape
-    copies each activation to NCHW and back.
+    copies each activation to NCHW and back. Called any other way it is a plain BatchNorm2d.
     """
 
     def __init__(self, num_features: int, **kwargs) -> None:
@@ -25,9 +31,10 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         self.register_buffer("split_mean_sum", torch.zeros(num_features), persistent=False)
         self.register_buffer("split_var_sum", torch.zeros(num_features), persistent=False)
         self.register_buffer("split_calls", torch.zeros((), dtype=torch.long), persistent=False)
+        self.collecting = False  # set by forward_in_splits around its sub-batch calls
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not self.track_running_stats:
+        if not (self.collecting and self.training and self.track_running_stats):
             return super().forward(x)
         out, mean, invstd = torch.native_batch_norm(
             x, self.weight, self.bias, None, None, True, 0.0, self.eps)
@@ -35,7 +42,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             n = x.numel() // x.shape[1]
             self.split_mean_sum.add_(mean)
             # Running variance is unbiased, as in nn.BatchNorm2d.
-            self.split_var_sum.add_((invstd.pow(-2) - self.eps) * (n / max(n - 1, 1)))
+            self.split_var_sum.add_((invstd.pow(-2) - self.eps).clamp_min(0) * (n / max(n - 1, 1)))
             self.split_calls.add_(1)
         return out
 
@@ -49,6 +56,11 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         calls = self.split_calls.clamp(min=1)
         self.running_mean.lerp_(self.split_mean_sum / calls, factor)
         self.running_var.lerp_(self.split_var_sum / calls, factor)
+        self.discard_()
+
+    @torch.no_grad()
+    def discard_(self) -> None:
+        """Forget the sub-batch statistics collected since the last commit."""
         self.split_mean_sum.zero_()
         self.split_var_sum.zero_()
         self.split_calls.zero_()
@@ -65,7 +77,17 @@ def forward_in_splits(
             f"batch per process {n} is not a multiple of method.bn_splits={splits}: "
             f"change the batch size or bn_splits"
         )
-    out = torch.cat([module(chunk) for chunk in x.chunk(splits)])
+    for bn in norms:
+        bn.collecting = True
+    try:
+        out = torch.cat([module(chunk) for chunk in x.chunk(splits)])
+    except BaseException:  # e.g. out of memory: leave no half-collected statistics behind
+        for bn in norms:
+            bn.discard_()
+        raise
+    finally:
+        for bn in norms:
+            bn.collecting = False
     for bn in norms:
         bn.commit_()
     return out
@@ -75,6 +97,14 @@ def split_norms(module: nn.Module) -> list[SplitBatchNorm2d]:
     """The split BN layers of `module` that are collecting statistics (training mode)."""
     return [m for m in module.modules()
             if isinstance(m, SplitBatchNorm2d) and m.training and m.track_running_stats]
+
+
+def unsplittable_norms(module: nn.Module) -> list[str]:
+    """Names of the BatchNorm layers split BN cannot take over: subclasses such as timm's
+    BatchNormAct2d, which carry extra behaviour in their forward."""
+    return [name for name, m in module.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and type(m) not in (nn.BatchNorm2d, SplitBatchNorm2d)]
 
 
 def convert_split_bn_(module: nn.Module) -> nn.Module:
@@ -92,13 +122,28 @@ def convert_split_bn_(module: nn.Module) -> nn.Module:
     return module
 
 
-def resolve_shuffle_bn(mode: str, world_size: int, has_bn: bool) -> str:
+def resolve_shuffle_bn(mode: str, world_size: int, backbone: nn.Module) -> str:
     """'auto' → the paper's cross-process shuffle with several processes, split BN in one
     process, nothing to do for a backbone without BatchNorm (ViT, ConvNeXt)."""
     if mode not in SHUFFLE_BN_MODES:
         raise ValueError(f"unknown shuffle_bn {mode!r}: choose one of {SHUFFLE_BN_MODES}")
+    others = unsplittable_norms(backbone)
+    if mode == "split" and others:
+        raise ValueError(
+            f"shuffle_bn=split runs the backbone per sub-batch and needs plain nn.BatchNorm2d "
+            f"layers; {type(backbone).__name__} has {len(others)} others (e.g. {others[0]}: "
+            f"{type(backbone.get_submodule(others[0])).__name__}): train with 2+ processes "
+            f"(shuffle_bn=ddp), use shuffle_bn=sync on GPUs, or accept the in-batch BN leak "
+            f"with shuffle_bn=none")
     if mode != "auto":
         return mode
-    if not has_bn:
+    if not has_batchnorm(backbone):
         return "none"
-    return "ddp" if world_size > 1 else "split"
+    if world_size > 1:
+        return "ddp"
+    if others:
+        log.warning("one process and %d BatchNorm layers split BN cannot take over (e.g. %s): "
+                    "shuffle_bn=none, so BN statistics are shared within the batch; train with "
+                    "2+ processes for the paper's shuffle BN", len(others), others[0])
+        return "none"
+    return "split"

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmoco.backbone import create_backbone, feature_dim, has_batchnorm
+from fastmoco.backbone import create_backbone, feature_dim
 from fastmoco.batchnorm import (
     convert_split_bn_, forward_in_splits, resolve_shuffle_bn, split_norms,
 )
@@ -63,7 +63,7 @@ class MoCo(nn.Module):
         self.symmetric = symmetric or version == "v3"
         self.loss_backend = loss_backend
         self.ema_backend = ema_backend
-        self.shuffle_bn = resolve_shuffle_bn(shuffle_bn, get_world_size(), has_batchnorm(backbone))
+        self.shuffle_bn = resolve_shuffle_bn(shuffle_bn, get_world_size(), backbone)
         if bn_splits < 1:
             raise ValueError(f"method.bn_splits={bn_splits}: choose 1 or more")
         self.bn_splits = bn_splits

@@ -248,3 +248,76 @@ def test_compiled_encoders_match_eager_with_split_bn():
     torch.testing.assert_close(bn_c.running_mean, bn_e.running_mean, rtol=1e-5, atol=1e-6)
     # Query and key backbone: one graph each, whatever the number of sub-batches and steps.
     assert 2 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+
+
+def test_split_bn_collects_only_inside_forward_in_splits():
+    """Called directly (fine-tuning the backbone, say) a SplitBatchNorm2d is a plain BatchNorm2d;
+    a sub-batch that fails leaves no statistics behind."""
+    torch.manual_seed(0)
+    bn, plain = SplitBatchNorm2d(3), nn.BatchNorm2d(3)
+    x = torch.randn(8, 3, 4, 4)
+    torch.testing.assert_close(bn(x), plain(x))
+    torch.testing.assert_close(bn.running_mean, plain.running_mean)
+    assert int(bn.split_calls) == 0
+
+    def failing(chunk: torch.Tensor) -> torch.Tensor:
+        if failing.calls == 1:
+            raise RuntimeError("out of memory")
+        failing.calls += 1
+        return bn(chunk)
+
+    failing.calls = 0
+    with pytest.raises(RuntimeError, match="out of memory"):
+        forward_in_splits(failing, x, 2, [bn])
+    assert int(bn.split_calls) == 0 and not bn.collecting
+    torch.testing.assert_close(bn.running_mean, plain.running_mean)
+
+
+def test_split_mode_needs_plain_batchnorm():
+    """BN subclasses (timm's BatchNormAct2d) cannot be split: an explicit `split` says what to do
+    instead; `auto` in one process falls back to plain BN with a warning."""
+    from timm.layers import BatchNormAct2d
+
+    def net() -> nn.Module:
+        m = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        m.num_features = 4
+        return m
+
+    with pytest.raises(ValueError, match="shuffle_bn=ddp"):
+        MoCo(net(), dim=4, queue_size=8, shuffle_bn="split", mlp_hidden=8)
+    assert MoCo(net(), dim=4, queue_size=8, shuffle_bn="auto", mlp_hidden=8).shuffle_bn == "none"
+
+
+def test_moco_split_mode_matches_the_demo_formulation():
+    """MoCo's query and key encoders in split mode: features as the demo's reshaped split BN on
+    the same (interleaved) sub-batches, one running-statistics step per encoder call."""
+    from fastmoco.bench_reference import SplitBatchNorm, _split_bn_
+
+    torch.manual_seed(0)
+    s, n = 4, 16
+    model = small_moco(shuffle_bn="split", bn_splits=s)
+    demo = copy.deepcopy(model.query_encoder)
+    demo_backbone = demo[0]
+    for name, m in list(demo_backbone.named_modules()):
+        if isinstance(m, SplitBatchNorm2d):  # back to plain BN, then the demo's split BN
+            parent = demo_backbone.get_submodule(name.rpartition(".")[0]) if "." in name else demo_backbone
+            plain = nn.BatchNorm2d(m.num_features)
+            plain.load_state_dict(m.state_dict())
+            setattr(parent, name.rpartition(".")[2], plain)
+    _split_bn_(demo_backbone, s)
+    for name, m in demo_backbone.named_modules():
+        if isinstance(m, SplitBatchNorm):
+            m.load_state_dict(model.query_encoder[0].get_submodule(name).state_dict())
+    x = torch.randn(n, 3, 32, 32)
+    interleaved = x.view(s, n // s, 3, 32, 32).transpose(0, 1).reshape(n, 3, 32, 32)
+    ours = model._encode(model.query_encoder, x)
+    theirs = demo(interleaved).view(n // s, s, -1).transpose(0, 1).reshape(n, -1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    first_bn = next(m for m in model.query_encoder.modules() if isinstance(m, SplitBatchNorm2d))
+    assert int(first_bn.num_batches_tracked) == 1
+    demo_bn = next(m for m in demo.modules() if isinstance(m, SplitBatchNorm))
+    torch.testing.assert_close(first_bn.running_var, demo_bn.running_var, rtol=1e-4, atol=1e-6)
+    model(x, torch.randn(n, 3, 32, 32)).loss.backward()  # one step: query and key, once each
+    assert int(first_bn.num_batches_tracked) == 2
+    key_bn = next(m for m in model.key_encoder.modules() if isinstance(m, SplitBatchNorm2d))
+    assert int(key_bn.num_batches_tracked) == 1
