@@ -715,6 +715,10 @@ def run_case(cname: str, cfg: TrainConfig, cdef: CaseDef, bench: BenchConfig,
         except ImportError as e:
             log.warning("arm %s skipped: %s", name, e)
             case["rows"] += [{"arm": name, "mode": m, "skipped": str(e)} for m in arm_modes]
+        except concurrent.futures.process.BrokenProcessPool as e:  # killed (out of memory, say)
+            log.error("arm %s: its process died (%s); the other arms go on", name, e)
+            case["rows"] += [{"arm": name, "mode": m, "skipped": f"process died: {e}"}
+                             for m in arm_modes]
         add_ratios(case, ceil)
         on_arm(case)
     return case

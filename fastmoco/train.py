@@ -84,6 +84,23 @@ class Progress:
     batch_in_epoch: int = 0  # batches of `epoch` already trained (mid-epoch checkpoints)
     knn: dict = dataclasses.field(default_factory=dict)  # "init" and per-epoch kNN top-1
     total_steps: int = 0  # fixed once known (a time budget fixes it after a few steps)
+    # After a time-budget re-plan the lr and momentum schedules keep their length and go on from
+    # where they were, stretched over the steps left: schedule_position(anchor_step) = anchor_position.
+    schedule_length: int = 0  # 0: the schedules run over total_steps
+    anchor_step: int = 0
+    anchor_position: float = 0.0
+
+    def schedule_position(self, total_steps: int) -> tuple[float, int]:
+        """(position, length) at which to read the lr and momentum schedules for this step."""
+        if not self.schedule_length:
+            return float(self.step), total_steps
+        left = (self.schedule_length - self.anchor_position) / max(1, total_steps - self.anchor_step)
+        return self.anchor_position + (self.step - self.anchor_step) * left, self.schedule_length
+
+    def replan(self, total_steps: int, new_total: int) -> None:
+        """A new number of steps that leaves the schedules' current values where they are."""
+        self.anchor_position, self.schedule_length = self.schedule_position(total_steps)
+        self.anchor_step, self.total_steps = self.step, new_total
 
 
 class _TimeBudget:
@@ -123,8 +140,8 @@ class _TimeBudget:
             dist.broadcast(decided, src=0)
         self.total_steps = int(decided.item())
         if first:
-            self.replan_at = {self.start + int(f * (self.total_steps - self.start))
-                              for f in self.REPLAN} - {step}
+            self.replan_at = {max(step + 1, self.start + int(f * (self.total_steps - self.start)))
+                              for f in self.REPLAN}  # a plan shorter than 130 steps: right after
         return True
 
 
@@ -279,15 +296,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for i, (x_q, x_k) in enumerate(loader):
             if i < skip:
                 continue  # resuming mid-epoch: the epoch's order is a function of (seed, epoch)
-            lr = lr_at(progress.step, total_steps, base_lr, cfg.schedule.lr_schedule,
+            position, length = progress.schedule_position(total_steps)
+            lr = lr_at(position, length, base_lr, cfg.schedule.lr_schedule,
                        warmup_steps, tuple(cfg.schedule.milestones))
-            m = momentum_at(progress.step, total_steps, cfg.method.momentum,
-                            cfg.method.momentum_schedule)
+            m = momentum_at(position, length, cfg.method.momentum, cfg.method.momentum_schedule)
             out = train_step(model, moco, optimizer, scaler, x_q, x_k, lr, m, device, dtype)
             progress.step += 1
             progress.batch_in_epoch = i + 1
             window_steps += 1
             if budget is not None and budget.decide(progress.step, total_steps):
+                if progress.total_steps:  # a re-plan: the lr must not jump
+                    progress.replan(total_steps, budget.total_steps)
                 total_steps = progress.total_steps = budget.total_steps
                 log.info("time budget %.1f min: %d steps in all (planned at step %d)",
                          cfg.schedule.time_budget_min, total_steps, progress.step)

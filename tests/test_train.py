@@ -151,7 +151,8 @@ def test_time_budget_replans_on_the_pace_so_far(monkeypatch):
             total = budget.total_steps
             decisions.append((step, total))
     assert decisions[0] == (13, 100), decisions  # the first plan: 1 s per step, 100 s
-    assert len(decisions) == 2 and decisions[1][0] == 50, decisions  # 10 % of 100 came before 13
+    # 10 % of 100 falls before the calibration ends: that re-plan comes right after it.
+    assert [s for s, _ in decisions] == [13, 14, 50], decisions
     assert clock["t"] <= 100.0 * 1.03, (clock["t"], decisions)  # without re-plans: 180 s
     # A budget never adds steps beyond the schedule's own.
     clock["t"] = 0.0
@@ -160,3 +161,23 @@ def test_time_budget_replans_on_the_pace_so_far(monkeypatch):
         clock["t"] += 1.0
         short.decide(step, 50)
     assert short.total_steps == 50
+
+
+def test_replan_keeps_the_lr_where_it_is():
+    """A re-plan from 100 to 61 steps at step 50: the lr stays at its value, then follows the
+    rest of the cosine to its end exactly at the new last step; the progress round-trips."""
+    from fastmoco.momentum import lr_at
+    from fastmoco.train import Progress
+
+    progress = Progress(step=50, total_steps=100)
+    before = lr_at(*progress.schedule_position(100), 1.0)
+    progress.replan(100, 61)
+    assert lr_at(*progress.schedule_position(61), 1.0) == pytest.approx(before)
+    progress.step = 61
+    position, length = progress.schedule_position(61)
+    assert (position, length) == (pytest.approx(100.0), 100) and lr_at(position, length, 1.0) < 1e-9
+    progress.step = 55
+    again = Progress(**__import__("dataclasses").asdict(progress))  # as a checkpoint stores it
+    assert again.schedule_position(61) == progress.schedule_position(61)
+    progress.replan(61, 70)  # a second re-plan anchors on the first
+    assert progress.schedule_position(70) == pytest.approx(again.schedule_position(61))
