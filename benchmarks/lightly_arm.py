@@ -109,8 +109,7 @@ class LightlyArm:
         self.criterion = NTXentLoss(temperature=cfg.method.temperature,
                                     memory_bank_size=(cfg.method.queue_size, cfg.method.dim))
         self.criterion.to(device)
-        lr = cfg.optim.lr * (cfg.schedule.batch_size / cfg.optim.base_batch
-                             if cfg.optim.base_batch else 1.0)
+        lr = cfg.optim.lr_for(cfg.schedule.batch_size)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr,
                                          momentum=cfg.optim.momentum,
                                          weight_decay=cfg.optim.weight_decay)

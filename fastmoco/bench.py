@@ -237,8 +237,7 @@ class FastMocoArm:
         self.channels_last = cfg.run.channels_last
         torch.manual_seed(cfg.run.seed)
         self.moco = build_model(cfg, device, cfg.run.channels_last, self.dtype)
-        scale = cfg.schedule.batch_size / cfg.optim.base_batch if cfg.optim.base_batch else 1.0
-        self.lr = cfg.optim.lr * scale
+        self.lr = cfg.optim.lr_for(cfg.schedule.batch_size)
         self.optimizer = build_optimizer(self.moco.parameters(), cfg.optim, self.lr, device)
         self.scaler = grad_scaler(device, self.dtype)
         self.compile = _decide_compile(cfg, total_steps, device)

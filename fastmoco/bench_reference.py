@@ -182,8 +182,7 @@ class ReferenceArm:
         torch.manual_seed(cfg.run.seed)
         self.device = device
         self.model = ReferenceMoCo(cfg).to(device)
-        lr = cfg.optim.lr * (cfg.schedule.batch_size / cfg.optim.base_batch
-                             if cfg.optim.base_batch else 1.0)
+        lr = cfg.optim.lr_for(cfg.schedule.batch_size)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr, momentum=cfg.optim.momentum,
                                          weight_decay=cfg.optim.weight_decay)
         self.criterion = nn.CrossEntropyLoss()

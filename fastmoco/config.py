@@ -80,6 +80,10 @@ class OptimConfig:
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
 
+    def lr_for(self, batch_size: int) -> float:
+        """The learning rate for a global batch: `lr`, scaled linearly when base_batch is set."""
+        return self.lr * (batch_size / self.base_batch if self.base_batch else 1.0)
+
 
 @dataclass
 class ScheduleConfig:

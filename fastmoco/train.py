@@ -212,8 +212,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     moco = build_model(cfg, device, cfg.run.channels_last, dtype)
     broadcast_module_(moco)  # rank 0's queue (a buffer, drawn from a per-rank seed) everywhere
-    lr_scale = cfg.schedule.batch_size / cfg.optim.base_batch if cfg.optim.base_batch else 1.0
-    base_lr = cfg.optim.lr * lr_scale
+    base_lr = cfg.optim.lr_for(cfg.schedule.batch_size)
     optimizer = build_optimizer(moco.parameters(), cfg.optim, base_lr, device)
     scaler = grad_scaler(device, dtype)
     loader = build_pretrain_loader(
