@@ -1,9 +1,8 @@
 """How the key encoder's BatchNorm is kept from leaking the positive (the paper's shuffle BN)."""
 from __future__ import annotations
 
-from typing import Callable
-
 import logging
+from typing import Callable
 
 import torch
 from torch import nn
@@ -94,7 +93,7 @@ def forward_in_splits(
 
 
 def split_norms(module: nn.Module) -> list[SplitBatchNorm2d]:
-    """The split BN layers of `module` that are collecting statistics (training mode)."""
+    """The split BN layers of `module` that collect sub-batch statistics (training mode)."""
     return [m for m in module.modules()
             if isinstance(m, SplitBatchNorm2d) and m.training and m.track_running_stats]
 

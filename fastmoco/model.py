@@ -103,11 +103,10 @@ class MoCo(nn.Module):
                 part.compile()
 
     def _encode(self, encoder: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        if self.shuffle_bn != "split":
-            return encoder(x)
         backbone, head = encoder
-        splits = self.bn_splits if backbone.training else 1
-        return head(forward_in_splits(backbone, x, splits, split_norms(backbone)))
+        if self.shuffle_bn != "split" or not backbone.training:
+            return encoder(x)
+        return head(forward_in_splits(backbone, x, self.bn_splits, split_norms(backbone)))
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         q = self._encode(self.query_encoder, x)  # N×C
