@@ -20,6 +20,11 @@ from fastmoco.kernels import ema_update_, flatten_parameters_, infonce_inbatch_l
 from fastmoco.queue import KeyQueue
 
 
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalised rows in fp32 at least: autocast's bf16/fp16 outputs go up, float64 stays."""
+    return F.normalize(x if x.dtype == torch.float64 else x.float(), dim=1)
+
+
 class MoCoOutput(NamedTuple):
     loss: torch.Tensor  # scalar, carries the gradient
     accuracy: torch.Tensor  # pretext top-1 in percent, no gradient
@@ -112,15 +117,15 @@ class MoCo(nn.Module):
         q = self._encode(self.query_encoder, x)  # N×C
         if self.predictor is not None:
             q = self.predictor(q)
-        return F.normalize(q.float(), dim=1)
+        return _normalize(q)
 
     @torch.no_grad()
     def _key(self, x: torch.Tensor) -> torch.Tensor:
         if self.shuffle_bn in ("ddp", "split"):
             x, idx_unshuffle = batch_shuffle(x)
-            k = F.normalize(self._encode(self.key_encoder, x).float(), dim=1)  # N×C
+            k = _normalize(self._encode(self.key_encoder, x))  # N×C
             return batch_unshuffle(k, idx_unshuffle)
-        return F.normalize(self._encode(self.key_encoder, x).float(), dim=1)
+        return _normalize(self._encode(self.key_encoder, x))
 
     def _contrast(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.queue is None:  # v3: in-batch keys of all processes, scaled by 2T as in the paper

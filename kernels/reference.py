@@ -18,7 +18,7 @@ def infonce_loss_reference(
     l_neg = torch.einsum("nc,kc->nk", q, queue.detach())  # N×K
     logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # N×(1+K)
     labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-    loss = F.cross_entropy(logits.float(), labels)
+    loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels)
     with torch.no_grad():
         accuracy = (logits.argmax(dim=1) == 0).float().mean() * 100.0
     return loss, accuracy
@@ -31,7 +31,7 @@ def infonce_inbatch_loss_reference(
     query row i sits at column offset + i (offset = rank·N). Not multiplied by 2T here."""
     logits = torch.einsum("nc,mc->nm", q, keys.detach()) / temperature  # N×M
     labels = torch.arange(q.shape[0], device=q.device) + offset
-    loss = F.cross_entropy(logits.float(), labels)
+    loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels)
     with torch.no_grad():
         accuracy = (logits.argmax(dim=1) == labels).float().mean() * 100.0
     return loss, accuracy
