@@ -36,7 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fastmoco.bench_reference import ReferenceArm
-from fastmoco.config import TrainConfig, from_hydra
+from fastmoco.config import TrainConfig, apply_overrides, from_hydra
 from fastmoco.data import SyntheticTwoViewLoader, build_pretrain_loader, num_workers, split_files
 from fastmoco.data import resolve_pipeline
 from fastmoco.device import resolve_device, resolve_precision
@@ -59,6 +59,9 @@ class ArmDef:
     overrides: list[str] = field(default_factory=list)
     modes: Optional[list[str]] = None  # None: every mode of the case
     note: str = ""
+    # An arm that only differs from fastmoco by bf16 (no_amp, lightly_bf16): on a CPU without
+    # native bf16 it is skipped with a note (emulated bf16 would time the emulation).
+    needs_bf16: bool = False
 
 
 @dataclass
@@ -82,6 +85,7 @@ class Target:
     other: str = "reference"
     min: float = 1.0
     case: Optional[str] = None  # None: every case where both numbers exist
+    cpu: Optional[str] = None  # bf16 | no_bf16: only where bf16 is / is not the CPU's fast path
 
 
 @dataclass
@@ -232,7 +236,7 @@ class FastMocoArm:
 
     def __init__(self, name: str, cfg: TrainConfig, device: torch.device, total_steps: int) -> None:
         self.name, self.cfg, self.device = name, cfg, device
-        self.dtype = resolve_precision(cfg.run.precision, device)
+        self.dtype = resolve_precision(cfg.run.precision, device, cfg.run.allow_emulated_bf16)
         self.input_dtype = self.dtype  # the pipelines deliver the compute dtype
         self.channels_last = cfg.run.channels_last
         torch.manual_seed(cfg.run.seed)
@@ -372,7 +376,9 @@ def _no_step(x_q, x_k, phase) -> None:
 def run_arm(name: str, adef: ArmDef, base: TrainConfig, modes: list[str], device: torch.device,
             files, total_steps: int, bench: BenchConfig, data_cache: dict) -> list[dict]:
     """Every requested mode of one arm; one model build (and compile) serves them all."""
-    cfg = _apply(base, adef.overrides)
+    cfg = apply_overrides(base, adef.overrides)
+    arm_ceilings = ArmCeilings(device, bench.ceilings)
+    arm_ceilings.sample()  # before the arm: the machine as this arm finds it
     memory = PeakMemory(device)
     memory.reset()
     arm = build_arm(name, adef.kind, cfg, device, files, total_steps)
@@ -394,6 +400,7 @@ def run_arm(name: str, adef: ArmDef, base: TrainConfig, modes: list[str], device
         log.info("bench %s / %s ...", name, mode)
         row.update(measure(step, batches, device, cfg.schedule.batch_size, bench, mode != "model"))
         batches.close()
+        arm_ceilings.sample()  # after each mode's windows
         row["peak_mem_mb"] = memory.peak_mb()
         if mode == "data":
             data_cache[key] = {k: v for k, v in row.items() if k in ("img_s", "img_s_min", "img_s_max",
@@ -404,9 +411,43 @@ def run_arm(name: str, adef: ArmDef, base: TrainConfig, modes: list[str], device
     for row in rows:
         row.setdefault("peak_mem_mb", memory.peak_mb())
         row["peak_mem_kind"] = memory.kind
+        if arm_ceilings.best:
+            row["arm_ceilings"] = arm_ceilings.report()
     del arm
     gc.collect()
     return rows
+
+
+class ArmCeilings:
+    """The mm ceilings measured beside one arm, in its own process, before and after its windows:
+    the best is what this machine could do while the arm ran (a shared machine's ceiling moves
+    by 15 % within an hour, so one measurement at the bench's start is not the arm's)."""
+
+    def __init__(self, device: torch.device, cc: CeilingConfig) -> None:
+        self.device, self.cc = device, cc
+        self.samples: dict[str, list[float]] = {}
+
+    def sample(self) -> None:
+        if not self.cc.enabled:
+            return
+        for key, dtype in _mm_dtypes(self.device):
+            rate = matmul_rate(self.device, dtype, self.cc.mm_size, self.cc.mm_reps)
+            self.samples.setdefault(key, []).append(rate)
+
+    @property
+    def best(self) -> dict[str, float]:
+        return {k: max(v) for k, v in self.samples.items()}
+
+    def report(self) -> dict[str, Any]:
+        return {**self.best, "samples": self.samples}
+
+
+def _mm_dtypes(device: torch.device) -> list[tuple[str, torch.dtype]]:
+    """The matmul dtypes with a ceiling here: fp32, and bf16 where the hardware runs it natively."""
+    out = [("mm_fp32_flops", torch.float32)]
+    if device.type == "cuda" or _cpu_bf16():
+        out.append(("mm_bf16_flops", torch.bfloat16))
+    return out
 
 
 def _run_arm_in_child(*args) -> tuple[list[dict], dict]:
@@ -423,23 +464,6 @@ def run_isolated(*args) -> tuple[list[dict], dict]:
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
         return pool.submit(_run_arm_in_child, *args).result()
-
-
-def _apply(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """Dotted hydra overrides (command-line syntax: `off` stays a string) on a typed config."""
-    if not overrides:
-        return cfg
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    conf = OmegaConf.structured(cfg)
-    for o in OverridesParser.create().parse_overrides(list(overrides)):
-        if "." not in o.key_or_group:
-            raise ValueError(f"bench override {o.input_line!r}: cases and arms take dotted keys "
-                             f"(backbone.name=resnet50), not config groups (backbone=resnet50)")
-        OmegaConf.update(conf, o.key_or_group, o.value(), merge=True, force_add=o.is_add())
-    out = OmegaConf.to_object(conf)
-    out.check(1)
-    return out
 
 
 # ----------------------------------------------------------------------------- ceilings
@@ -479,7 +503,7 @@ def step_flops(cfg: TrainConfig, device: torch.device) -> int:
     """FLOPs of one fastmoco training step (eager fp32: FlopCounterMode counts forward + backward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = _apply(cfg, ["run.compile=off", "run.precision=fp32"])
+    cfg = apply_overrides(cfg, ["run.compile=off", "run.precision=fp32"])
     arm = FastMocoArm("flops", cfg, device, 0)
     b, s = cfg.schedule.batch_size, cfg.data.image_size
     x = torch.randn(b, 3, s, s, device=device)
@@ -493,12 +517,17 @@ def step_flops(cfg: TrainConfig, device: torch.device) -> int:
 def ceilings(device: torch.device, cc: CeilingConfig) -> dict[str, float]:
     if not cc.enabled:
         return {}
-    out = {"mm_n": cc.mm_size,
-           "mm_fp32_flops": matmul_rate(device, torch.float32, cc.mm_size, cc.mm_reps),
-           "copy_bytes_s": copy_bandwidth(device, cc.copy_mb)}
-    if device.type == "cuda" or _cpu_bf16():
-        out["mm_bf16_flops"] = matmul_rate(device, torch.bfloat16, cc.mm_size, cc.mm_reps)
+    out: dict[str, float] = {"mm_n": cc.mm_size}
+    for key, dtype in _mm_dtypes(device):
+        out[key] = matmul_rate(device, dtype, cc.mm_size, cc.mm_reps)
+    out["copy_bytes_s"] = copy_bandwidth(device, cc.copy_mb)
     return out
+
+
+def _cpu_prefers_bf16() -> bool:
+    from fastmoco.device import cpu_prefers_bf16
+
+    return cpu_prefers_bf16()
 
 
 def _cpu_bf16() -> bool:
@@ -523,7 +552,10 @@ def setting(device: torch.device) -> dict[str, Any]:
         commit += "-dirty"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         platform.processor() or platform.machine())
-    return {"device": f"{device} ({name})", "torch": torch.__version__, "threads":
+    from fastmoco.device import describe_cpu
+
+    return {"device": f"{device} ({name})", "cpu": describe_cpu(), "torch": torch.__version__,
+            "threads":
             torch.get_num_threads(), "cpus": os.cpu_count(), "commit": commit,
             "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
@@ -540,13 +572,14 @@ def add_ratios(case: dict[str, Any], ceil: dict[str, float]) -> None:
         ref = by.get(("reference", r["mode"]))
         if ref and r["mode"] != "data":
             r["x_reference"] = r["img_s"] / ref["img_s"]
-        if flops and r["mode"] != "data" and ceil:
+        here = r.get("arm_ceilings") or ceil  # measured beside the arm, else at the bench's start
+        if flops and r["mode"] != "data" and here:
             achieved = flops * r["img_s"] / case["batch"]
             r["flops_s"] = achieved
-            own = ceil.get("mm_bf16_flops") if r["dtype"] in ("bfloat16", "float16") else None
-            r["frac_ceiling"] = achieved / (own or ceil["mm_fp32_flops"])
-            if "mm_bf16_flops" in ceil:
-                r["frac_bf16_ceiling"] = achieved / ceil["mm_bf16_flops"]
+            own = here.get("mm_bf16_flops") if r["dtype"] in ("bfloat16", "float16") else None
+            r["frac_ceiling"] = achieved / (own or here["mm_fp32_flops"])
+            if "mm_bf16_flops" in here:
+                r["frac_bf16_ceiling"] = achieved / here["mm_bf16_flops"]
         model = by.get((r["arm"], "model"))
         if model and r["mode"] in ("full", "data"):
             r["frac_model"] = r["img_s"] / model["img_s"]
@@ -556,9 +589,15 @@ def add_ratios(case: dict[str, Any], ceil: dict[str, float]) -> None:
             r["ema_frac_copy_bw"] = 3 * case["param_bytes"] / (ema / 1000) / ceil["copy_bytes_s"]
 
 
-def check_targets(cases: dict[str, dict], targets: list[Target]) -> list[dict]:
+def check_targets(cases: dict[str, dict], targets: list[Target],
+                  native_bf16: Optional[bool] = None) -> list[dict]:
+    """Each target where its numbers exist; `cpu`-kind targets only on that kind (None: all)."""
     out = []
     for t in targets:
+        if t.cpu not in (None, "bf16", "no_bf16"):
+            raise ValueError(f"target {t.name!r}: cpu={t.cpu!r}, choose bf16 or no_bf16")
+        if t.cpu is not None and native_bf16 is not None and (t.cpu == "bf16") != native_bf16:
+            continue
         for cname, case in cases.items():
             if t.case not in (None, cname):
                 continue
@@ -591,14 +630,21 @@ def format_table(result: dict[str, Any]) -> str:
     s, ceil = result["setting"], result["ceilings"]
     lines.append(f"fastmoco bench  {s['device']}  torch {s['torch']}  {s['threads']} threads  "
                  f"commit {s['commit']}  {s['time']}  load {s.get('load_avg_1m') or 0:.1f} at start")
+    cpu = s.get("cpu")
+    if cpu and s["device"].startswith("cpu"):
+        lines.append(f"cpu kind {cpu['kind']} (ATen {cpu['aten_capability']}, oneDNN bf16 "
+                     f"{'yes' if cpu['onednn_bf16'] else 'no'}, measured {cpu['bf16_speedup']}x fp32, "
+                     f"auto runs {cpu['auto_dtype']}; flags: {cpu['flags'] or '-'}"
+                     + (f"; capped by {cpu['isa_caps']}" if cpu.get("isa_caps") else "") + ")")
     if ceil:
         bf = ceil.get("mm_bf16_flops")
-        lines.append(f"ceilings: mm {ceil['mm_n']}³ fp32 {ceil['mm_fp32_flops'] / 1e9:.1f} GFLOP/s"
+        lines.append(f"ceilings at start: mm {ceil['mm_n']}³ fp32 {ceil['mm_fp32_flops'] / 1e9:.1f} GFLOP/s"
                      + (f", bf16 {bf / 1e9:.1f} GFLOP/s" if bf else "")
-                     + f"; copy {ceil['copy_bytes_s'] / 1e9:.1f} GB/s")
+                     + f"; copy {ceil['copy_bytes_s'] / 1e9:.1f} GB/s  (%ceil: the best mm rate "
+                     f"measured beside each arm, column ceilGF)")
     head = (f"{'mode':5} {'arm':16} {'img/s':>8} {'min-max':>13} {'×ref':>5} {'%ceil':>6} "
             f"{'%bf16':>6} {'÷model':>6} " + " ".join(f"{p[:5]:>6}" for p in PHASES)
-            + f" {'memMB':>7} {'dtype':8} {'CL':2} {'cmp':3} {'warm s':>6}  pipeline")
+            + f" {'ceilGF':>6} {'memMB':>7} {'dtype':8} {'CL':2} {'cmp':3} {'warm s':>6}  pipeline")
     for cname, case in result["cases"].items():
         lines.append("")
         fl = case.get("flops_per_step")
@@ -619,6 +665,7 @@ def format_table(result: dict[str, Any]) -> str:
                 + (f"{r['x_reference']:5.2f}" if "x_reference" in r else f"{'-':>5}")
                 + f" {pct('frac_ceiling')} {pct('frac_bf16_ceiling')} {pct('frac_model')} "
                 + " ".join(f"{ph.get(p, 0.0):6.0f}" for p in PHASES)
+                + f" {_own_ceiling(r) / 1e9:6.0f}"
                 + f" {r['peak_mem_mb']:7.0f} {r['dtype'][:8]:8} {'y' if r['channels_last'] else 'n':2} "
                 f"{'y' if r['compile'] else 'n':3} {r['warmup_s']:6.1f}  {r['pipeline']}")
     if result.get("targets"):
@@ -630,6 +677,14 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"memory: {result.get('memory_kind', '')}")
     return "\n".join(lines)
+
+
+def _own_ceiling(row: dict[str, Any]) -> float:
+    """The mm ceiling of the row's dtype measured beside its arm (0: none)."""
+    here = row.get("arm_ceilings") or {}
+    if row.get("dtype") in ("bfloat16", "float16") and "mm_bf16_flops" in here:
+        return here["mm_bf16_flops"]
+    return here.get("mm_fp32_flops", 0.0)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -706,6 +761,15 @@ def run_case(cname: str, cfg: TrainConfig, cdef: CaseDef, bench: BenchConfig,
         arm_modes = [m for m in modes if adef.modes is None or m in adef.modes]
         if not arm_modes:
             continue
+        if adef.needs_bf16 and device.type == "cpu" and not _cpu_prefers_bf16():
+            from fastmoco.device import cpu_bf16_speedup, cpu_kind
+
+            why = (f"bf16 is not this CPU's fast path ({cpu_kind()}, bf16 measured "
+                   f"{cpu_bf16_speedup():.2f}x fp32; 0 = emulated): fastmoco runs fp32 here, and "
+                   f"the arm would time a slow bf16")
+            log.info("arm %s skipped: %s", name, why)
+            case["rows"] += [{"arm": name, "mode": m, "skipped": why} for m in arm_modes]
+            continue
         try:
             args = (name, adef, cfg, arm_modes, device, files, total, bench, data_cache)
             rows, fresh = run_isolated(*args) if bench.isolate else (run_arm(*args), data_cache)
@@ -742,13 +806,14 @@ def run_bench(base: TrainConfig, bench: BenchConfig) -> dict[str, Any]:
     stamp = time.strftime("%Y%m%d-%H%M%S")
 
     def save() -> None:  # after every case, so a long run that is stopped keeps what it measured
-        result["targets"] = check_targets(result["cases"], bench.targets)
+        native = True if device.type == "cuda" else _cpu_prefers_bf16()
+        result["targets"] = check_targets(result["cases"], bench.targets, native)
         for name in (f"bench_{stamp}.json", "bench_latest.json"):
             (out / name).write_text(json.dumps(result, indent=1, default=str))
 
     for cname in bench.cases:
         cdef = bench.case_defs.get(cname) or CaseDef()
-        cfg = _apply(base, cdef.overrides)
+        cfg = apply_overrides(base, cdef.overrides)
         log.info("case %s: %s", cname, " ".join(cdef.overrides) or "as composed")
         def partial(case: dict, cname: str = cname) -> None:
             result["cases"][cname] = case

@@ -38,7 +38,10 @@ def print_summary(summary: dict) -> None:
     if after is not None:
         line = f"kNN top-1 on the test split: {after:.2f}% after pretraining"
         if before is not None:
-            line += f" vs {before:.2f}% at random init ({after - before:+.2f} points)"
+            calibrated = summary.get("knn_init_bn_images")
+            how = (f", its BN statistics re-estimated on {calibrated} train images" if calibrated
+                   else ", torch's default BN statistics")
+            line += f" vs {before:.2f}% at random init{how} ({after - before:+.2f} points)"
         print(line)
     if summary.get("skipped_files"):
         print(f"skipped {summary['skipped_files']} unreadable files (see the log)")

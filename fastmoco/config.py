@@ -94,6 +94,10 @@ class ScheduleConfig:
     warmup_epochs: float = 0.0
     max_steps: Optional[int] = None  # stop early (smoke tests, benchmarks)
     time_budget_min: Optional[float] = None  # size the run to this many minutes of pretraining
+    # Candidate sizes (dotted overrides, largest first) for a time-budgeted run: the first whose
+    # measured step gives min_steps within the budget is used, else the last (fastmoco.autosize).
+    sizes: list[list[str]] = field(default_factory=list)
+    min_steps: int = 0
 
 
 @dataclass
@@ -106,6 +110,11 @@ class KnnConfig:
     temperature: float = 0.1
     features: str = "head"  # head (the demo's 128-d output) | backbone (pooled features)
     at_start: bool = True  # measure the random-init network too
+    # The random-init baseline re-estimates its BatchNorm statistics on this many train images
+    # first (no weight update): with torch's default statistics (mean 0, var 1) a random network
+    # scores lower than it can, and part of "pretraining gained" would only be BN learning the
+    # data's statistics. 0: the default statistics.
+    init_bn_calibration_images: int = 2560
     batch_size: int = 512
 
 
@@ -114,6 +123,7 @@ class RunConfig:
     dir: str = "runs/default"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    allow_emulated_bf16: bool = False  # bf16 on a CPU without native bf16 (~7x slower than fp32)
     channels_last: bool = True
     compile: str = "auto"  # auto | on | off
     compile_min_steps: int = 2000  # auto: compile only when the run is at least this long
@@ -175,6 +185,26 @@ def default_data_root(name: str) -> Optional[Path]:
         if candidate.is_dir():
             return candidate
     return None
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str], world_size: int = 1) -> TrainConfig:
+    """Dotted overrides in hydra's command-line syntax (`off` stays a string) on a typed config:
+    a checked copy; `cfg` is left as it is."""
+    if not overrides:
+        return cfg
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.structured(cfg)
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        if "." not in o.key_or_group:
+            raise ValueError(f"override {o.input_line!r}: bench cases and arms and demo sizes take "
+                             f"dotted keys (backbone.name=resnet50), not config groups "
+                             f"(backbone=resnet50)")
+        OmegaConf.update(conf, o.key_or_group, o.value(), merge=False, force_add=o.is_add())
+    out = OmegaConf.to_object(conf)
+    out.check(world_size)
+    return out
 
 
 def from_hydra(cfg: Any) -> TrainConfig:

@@ -5,7 +5,7 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, NamedTuple, Optional
 
 import torch
 
@@ -117,11 +117,18 @@ def build_pretrain_loader(
     )
 
 
+class KnnLoaders(NamedTuple):
+    bank: Iterable  # labelled train images: the neighbours
+    eval: Iterable  # labelled eval images: the queries
+    num_classes: int
+    calibration: Optional[Iterable]  # train images to re-estimate a random network's BN statistics
+
+
 def build_knn_loaders(
     data: DataConfig, pipeline: PipelineConfig, batch_size: int, *, device: torch.device,
-    dtype: torch.dtype, channels_last: bool, seed: int,
-):
-    """(bank loader, eval loader, number of classes) for the kNN monitor, or None without labels."""
+    dtype: torch.dtype, channels_last: bool, seed: int, calibration_images: int = 0,
+) -> Optional[KnnLoaders]:
+    """The kNN monitor's loaders (centre crops, no augmentation), or None without labels."""
     if data.name == "synthetic" or not data.eval_split:
         return None
     bank = split_files(data, data.train_split, data.knn_bank_max, seed)
@@ -132,4 +139,7 @@ def build_knn_loaders(
                   num_workers=num_workers(pipeline, 1))
     make = lambda files: build_eval_loader(kind, files, data.image_size, recipe.mean, recipe.std,
                                            batch_size, **kwargs)
-    return make(bank), make(test), len(bank.classes)
+    calibration = None
+    if calibration_images > 0:
+        calibration = make(split_files(data, data.train_split, calibration_images, seed + 1))
+    return KnnLoaders(make(bank), make(test), len(bank.classes), calibration)

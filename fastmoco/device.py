@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
+import os
+import time
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -17,23 +23,140 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def cpu_supports_bf16() -> bool:
-    """oneDNN's fast bf16 path (AVX512-BF16 or AMX); without it bf16 on a CPU is emulated and slow."""
+    """oneDNN's fast bf16 path (AVX512-BF16 or AMX); without it bf16 on a CPU is emulated and slow.
+
+    oneDNN answers for the ISA it may use, so ONEDNN_MAX_CPU_ISA=AVX2 (how the test suite stands
+    in for an AVX2-only machine) makes this False on any CPU."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
 
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 where the hardware runs it natively, fp16 on older GPUs, fp32 otherwise."""
+# auto picks bf16 on a CPU only when it measures at least this much faster than fp32.
+BF16_MIN_SPEEDUP = 1.2
+# The measured speedup, once per run: set by the first measurement, read by child processes (the
+# bench's arms); a user may set it to skip the measurement (e.g. 0 forces fp32 under auto).
+BF16_SPEEDUP_VAR = "FASTMOCO_CPU_BF16_SPEEDUP"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_speedup() -> float:
+    """fp32 time / bf16 time of a small conv + matmul on this CPU (0.0 without native bf16).
+
+    Native bf16 is not always the fast path: on an AMD EPYC (AVX512-BF16) bf16 matmuls measured
+    4.3x fp32, but an Intel Xeon VM that also reports AVX512-BF16 (no AMX) measured them at 0.4x
+    fp32 and convolutions at 0.7x
+    (benchmarks/RESULTS.md). So auto decides from a measurement (~0.2 s, once per process)."""
+    if not cpu_supports_bf16():
+        return 0.0
+    if os.environ.get(BF16_SPEEDUP_VAR):  # decided once per run, shared with child processes
+        return float(os.environ[BF16_SPEEDUP_VAR])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 64, 16, 16, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(64, 64, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
+    a, b = torch.randn(512, 1024, generator=g), torch.randn(1024, 1024, generator=g)
+
+    def best(dtype: torch.dtype) -> float:
+        xs, ws, as_, bs = (t.to(dtype) for t in (x, w, a, b))
+        times = []
+        for _ in range(4):  # the first is the warm-up
+            start = time.perf_counter()
+            torch.nn.functional.conv2d(xs, ws, padding=1)
+            torch.mm(as_, bs)
+            times.append(time.perf_counter() - start)
+        return min(times[1:])
+
+    with torch.no_grad():
+        speedup = best(torch.float32) / best(torch.bfloat16)
+    os.environ[BF16_SPEEDUP_VAR] = f"{speedup:.4f}"  # spawned arms and workers agree with us
+    return speedup
+
+
+def cpu_prefers_bf16() -> bool:
+    """bf16 is this CPU's fast path: native, and measured faster than fp32 (BF16_MIN_SPEEDUP)."""
+    return cpu_supports_bf16() and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_kind() -> str:
+    """The kind of CPU a figure comes from, as torch and oneDNN will use it: AMX, AVX512-BF16,
+    AVX512, AVX2 (no native bf16: fp32 is the fast path) or DEFAULT. ATEN_CPU_CAPABILITY and
+    ONEDNN_MAX_CPU_ISA lower it, as they lower what the kernels run."""
+    capability = torch.backends.cpu.get_cpu_capability()  # e.g. AVX512, AVX2, DEFAULT
+    if capability.startswith("AVX512") and cpu_supports_bf16():
+        return "AMX" if "amx_bf16" in cpu_flags() and _onednn_isa_allows_amx() else "AVX512-BF16"
+    if capability.startswith("AVX512") and not cpu_supports_bf16():
+        return "AVX512" if _onednn_isa_allows_avx512() else "AVX2"
+    return capability
+
+
+def _onednn_isa_allows_amx() -> bool:
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    return cap in ("ALL", "DEFAULT") or "AMX" in cap
+
+
+def _onednn_isa_allows_avx512() -> bool:
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    return cap in ("ALL", "DEFAULT") or "AVX512" in cap or "AMX" in cap
+
+
+def describe_cpu() -> dict[str, object]:
+    """What RESULTS.md and the bench table print beside each CPU figure."""
+    flags = cpu_flags()
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+    return {"kind": cpu_kind(), "aten_capability": torch.backends.cpu.get_cpu_capability(),
+            "onednn_bf16": cpu_supports_bf16(),
+            "bf16_speedup": round(cpu_bf16_speedup(), 2), "auto_dtype":
+                "bfloat16" if cpu_prefers_bf16() else "float32",
+            "flags": " ".join(f for f in wanted if f in flags),
+            "isa_caps": " ".join(f"{k}={os.environ[k]}" for k in ISA_CAP_VARS if k in os.environ)}
+
+
+# How the suite and the benchmarks make an AVX-512 machine compute as an AVX2-only one
+# (ATen's vector kernels, oneDNN's convolutions, MKL's GEMM); `make test-avx2` sets them.
+ISA_CAP_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def resolve_precision(name: str, device: torch.device,
+                      allow_emulated_bf16: bool = False) -> torch.dtype:
+    """auto: bf16 on GPUs that have it and on CPUs where it measures faster than fp32, fp16 on
+    older GPUs, fp32 otherwise.
+
+    An explicit bf16 on a CPU without native bf16 stops with the fix, unless
+    `allow_emulated_bf16` (run.allow_emulated_bf16=true): there it runs ~7x slower than fp32."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+        if cpu_prefers_bf16():
+            return torch.bfloat16
+        if cpu_supports_bf16():
+            log.info("precision auto: fp32, as bf16 measured %.2fx fp32 on this CPU (%s)",
+                     cpu_bf16_speedup(), cpu_kind())
+        return torch.float32
     table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if name not in table:
         raise ValueError(f"run.precision={name!r}: choose auto, bf16, fp16 or fp32")
-    return table[name]
+    dtype = table[name]
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_supports_bf16():
+        message = (f"run.precision=bf16 but this CPU ({cpu_kind()}) has no native bf16 "
+                   f"(AVX512-BF16 or AMX): bf16 is emulated here, about 7x slower than fp32")
+        if not allow_emulated_bf16:
+            raise ValueError(f"{message}. Use run.precision=fp32 (or auto, which picks fp32 on "
+                             f"this CPU); to run emulated bf16 anyway set run.allow_emulated_bf16=true")
+        log.warning("%s; going on because run.allow_emulated_bf16=true", message)
+    return dtype
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

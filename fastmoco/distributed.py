@@ -51,6 +51,16 @@ def _export_submitit_env() -> None:
         env.export(set_cuda_visible_devices=False)
 
 
+def broadcast_choice(index: int, device: torch.device, src: int = 0) -> int:
+    """Rank `src`'s `index` on every process (a decision made from a measurement, which each
+    process would otherwise make on its own timings); `index` itself in one process."""
+    if not is_distributed() or get_world_size() == 1:
+        return index
+    t = torch.tensor([index], dtype=torch.long, device=device)
+    dist.broadcast(t, src=src)
+    return int(t.item())
+
+
 @torch.no_grad()
 def broadcast_module_(module: nn.Module, src: int = 0) -> None:
     """Copy every parameter and buffer of rank `src` into the same module on all processes.

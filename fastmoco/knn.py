@@ -47,6 +47,32 @@ def knn_predict(
     return torch.cat(preds)
 
 
+@torch.no_grad()
+def recalibrate_bn_(encoder: nn.Module, loader: Iterable, device: torch.device,
+                    dtype: torch.dtype) -> int:
+    """Re-estimate every BatchNorm's running statistics as the plain average over the loader's
+    images (train mode, no weight update); returns how many images were seen."""
+    norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    saved = [m.momentum for m in norms]
+    was_training = encoder.training
+    seen = 0
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches, not an EMA
+        encoder.train()
+        for x, _ in loader:
+            with autocast(device, dtype):
+                encoder(x)
+            seen += x.shape[0]
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
+        encoder.train(was_training)
+    return seen
+
+
 def knn_accuracy(
     encoder: nn.Module, bank_loader: Iterable, eval_loader: Iterable, num_classes: int,
     device: torch.device, dtype: torch.dtype, k: int = 200, temperature: float = 0.1,

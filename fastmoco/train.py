@@ -2,6 +2,7 @@
 backward, optimizer step, enqueue; log on rank 0; checkpoint everything the next step needs."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -18,13 +19,15 @@ import torch.distributed as dist
 from torch import nn
 
 from fastmoco import checkpoint as ckpt
+from fastmoco.autosize import choose_size
 from fastmoco.config import TrainConfig
 from fastmoco.data import build_knn_loaders, build_pretrain_loader
 from fastmoco.device import autocast, grad_scaler, resolve_device, resolve_precision
 from fastmoco.distributed import (
-    AnyProcess, broadcast_module_, get_world_size, init_from_env, is_distributed,
+    AnyProcess, broadcast_choice, broadcast_module_, get_world_size, init_from_env,
+    is_distributed,
 )
-from fastmoco.knn import knn_accuracy
+from fastmoco.knn import knn_accuracy, recalibrate_bn_
 from fastmoco.model import MoCo, MoCoOutput
 from fastmoco.momentum import lr_at, momentum_at
 from fastmoco.optim import build_optimizer, set_lr
@@ -204,10 +207,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.cuda.set_device(device)
     _setup_logging(rank)
     cfg.check(world)
-    dtype = resolve_precision(cfg.run.precision, device)
+    dtype = resolve_precision(cfg.run.precision, device, cfg.run.allow_emulated_bf16)
+    if cfg.run.precision == "auto":  # on a CPU auto measures: rank 0's choice holds everywhere
+        dtypes = (torch.float32, torch.bfloat16, torch.float16)
+        dtype = dtypes[broadcast_choice(dtypes.index(dtype), device)]
+    run_dir = Path(cfg.run.dir)
+    latest = ckpt.latest_checkpoint(run_dir) if cfg.run.resume else None
+    size_index = None
+    if cfg.schedule.sizes:  # before seeding: measuring builds models
+        resumed = ckpt.load_checkpoint(latest).get("size_index") if latest else None
+        cfg, size_index = choose_size(cfg, device, dtype, rank, world, resumed)
     torch.manual_seed(cfg.run.seed + rank)
     random.seed(cfg.run.seed + rank)
-    run_dir = Path(cfg.run.dir)
     local_batch = cfg.schedule.batch_size // world
 
     moco = build_model(cfg, device, cfg.run.channels_last, dtype)
@@ -226,7 +237,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     warmup_steps = int(cfg.schedule.warmup_epochs * steps_per_epoch)
 
     progress = Progress()
-    latest = ckpt.latest_checkpoint(run_dir) if cfg.run.resume else None
     if latest is not None:
         progress = _resume(latest, moco, optimizer, scaler, rank, world, cfg)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", latest, progress.step,
@@ -259,6 +269,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         knn_loaders = build_knn_loaders(
             cfg.data, cfg.pipeline, cfg.knn.batch_size, device=device, dtype=dtype,
             channels_last=cfg.run.channels_last, seed=cfg.run.seed,
+            calibration_images=cfg.knn.init_bn_calibration_images if cfg.knn.at_start else 0,
         )
 
     def run_knn(tag: str) -> Optional[float]:
@@ -267,11 +278,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         acc = None
         if rank == 0:
             encoder = moco.query_encoder if cfg.knn.features == "head" else moco.backbone
-            acc = knn_accuracy(encoder, knn_loaders[0], knn_loaders[1], knn_loaders[2],
-                               device, dtype, cfg.knn.k, cfg.knn.temperature)
+            how = ""
+            if tag == "init" and knn_loaders.calibration is not None:
+                # The random network with BN statistics of the data, not torch's defaults: a copy,
+                # so that training starts from the state it would have started from.
+                encoder = copy.deepcopy(encoder)
+                seen = recalibrate_bn_(encoder, knn_loaders.calibration, device, dtype)
+                progress.knn["init_bn_images"] = seen
+                how = f", BN statistics re-estimated on {seen} train images"
+            acc = knn_accuracy(encoder, knn_loaders.bank, knn_loaders.eval,
+                               knn_loaders.num_classes, device, dtype, cfg.knn.k,
+                               cfg.knn.temperature)
             progress.knn[tag] = acc
-            log.info("kNN top-1 (%s, %s features, k=%d): %.2f%%", tag, cfg.knn.features,
-                     cfg.knn.k, acc)
+            log.info("kNN top-1 (%s, %s features, k=%d%s): %.2f%%", tag, cfg.knn.features,
+                     cfg.knn.k, how, acc)
         if is_distributed():
             dist.barrier()
         return acc
@@ -283,7 +303,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             writer.log({"step": 0, "knn_top1": acc0})
 
     stop = _StopFlag()
-    state_fn = lambda: _state(moco, optimizer, scaler, progress, cfg, world)
+    state_fn = lambda: {**_state(moco, optimizer, scaler, progress, cfg, world),
+                        "size_index": size_index}
     images_per_step = cfg.schedule.batch_size
     bar = _bar(rank, cfg, total_steps, progress.step)
     window_start, window_steps, ips = time.perf_counter(), 0, float("nan")
@@ -360,6 +381,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         writer.log({"step": progress.step, "knn_top1": final_knn})
     summary = {"step": progress.step, "epochs": progress.epoch, "images_per_s": ips, **last,
                "knn_init": progress.knn.get("init"), "knn_final": final_knn,
+               "knn_init_bn_images": progress.knn.get("init_bn_images"),
                "skipped_files": loader.skipped}
     if writer:
         writer.log({"summary": summary})

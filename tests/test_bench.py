@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from fastmoco.bench import (
-    ArmDef, BenchConfig, CaseDef, PhaseTimer, Target, _apply, check_targets, drain,
+    ArmDef, BenchConfig, CaseDef, PhaseTimer, Target, check_targets, drain,
 )
 from fastmoco.bench_reference import ReferenceMoCo
-from fastmoco.config import TrainConfig
+from fastmoco.config import apply_overrides, TrainConfig
 from fastmoco.kernels import infonce_loss_reference
 from fastmoco.model import MoCo
 
@@ -28,7 +28,7 @@ FAST_BENCH = ["bench.warmup=1", "bench.windows=2", "bench.steps_per_window=1", "
 
 
 def tiny_config(**method) -> TrainConfig:
-    cfg = _apply(TrainConfig(), [o.replace("backbone=resnet18_cifar", "backbone.cifar_stem=true")
+    cfg = apply_overrides(TrainConfig(), [o.replace("backbone=resnet18_cifar", "backbone.cifar_stem=true")
                                  for o in TINY])
     for k, v in method.items():
         setattr(cfg.method, k, v)
@@ -45,12 +45,18 @@ def test_cli_smoke_every_arm_and_mode_with_sane_numbers(tiny_cifar, tmp_path):
     bench = result["bench"]
     rows = result["cases"]["current"]["rows"]
     have_lightly = __import__("importlib").util.find_spec("lightly") is not None
+    cpu = result["setting"]["cpu"]  # the CPU kind and what auto ran, as the bench saw them
+    assert cpu["kind"] in res.stdout and cpu["auto_dtype"] in ("bfloat16", "float32")
+    auto_fp32 = cpu["auto_dtype"] == "float32"  # then the bf16-only arms are skipped, with a note
     for arm in bench["arms"]:
         modes = bench["arm_defs"][arm]["modes"] or bench["modes"]
         got = {r["mode"]: r for r in rows if r["arm"] == arm}
         assert set(got) == set(modes), (arm, set(got))
         assert arm in res.stdout
         for mode, r in got.items():
+            if bench["arm_defs"][arm]["needs_bf16"] and auto_fp32:
+                assert "not this CPU's fast path" in r["skipped"], (arm, r)
+                continue
             if arm.startswith("lightly") and not have_lightly:
                 assert "lightly" in r["skipped"]
                 continue
@@ -64,12 +70,19 @@ def test_cli_smoke_every_arm_and_mode_with_sane_numbers(tiny_cifar, tmp_path):
     ref = {r["mode"]: r for r in rows if r["arm"] == "reference"}
     assert ref["model"]["x_reference"] == pytest.approx(1.0)
     fast = {r["mode"]: r for r in rows if r["arm"] == "fastmoco"}
-    assert fast["model"]["dtype"] in ("bfloat16", "float32") and fast["model"]["channels_last"]
-    assert {r["dtype"] for r in rows if r["arm"] == "no_amp"} == {"float32"}
+    assert fast["model"]["dtype"] == cpu["auto_dtype"] and fast["model"]["channels_last"]
+    if not auto_fp32:
+        assert {r["dtype"] for r in rows if r["arm"] == "no_amp"} == {"float32"}
+    # Every timed arm carries the ceilings measured beside it, in its own process.
+    timed = [r for r in rows if "img_s" in r and r["mode"] != "data"]
+    assert timed and all(r["arm_ceilings"]["mm_fp32_flops"] > 0 for r in timed)
+    assert all(len(r["arm_ceilings"]["samples"]["mm_fp32_flops"]) >= 2 for r in timed)
     assert result["ceilings"]["mm_fp32_flops"] > 0 and result["ceilings"]["copy_bytes_s"] > 0
     assert result["cases"]["current"]["flops_per_step"] > 0
     assert result["setting"]["commit"] and "cpu" in result["setting"]["device"]
-    assert {t["name"] for t in result["targets"]} >= {"model-only ≥ 3× reference"}
+    names = {t["name"] for t in result["targets"]}
+    assert "full loop ≥ 95% of its synthetic ceiling" in names  # a target of every CPU kind
+    assert ("model-only ≥ 3× reference" in names) == (not auto_fp32)  # a bf16-CPU target
     assert list(out.glob("bench_*.png"))
     assert "targets:" in res.stdout and "img/s" in res.stdout
 
@@ -132,12 +145,12 @@ def test_phase_timer_counts_nested_phases_exclusively():
 
 
 def test_overrides_keep_command_line_semantics_and_refuse_groups():
-    cfg = _apply(TrainConfig(), ["run.compile=off", "data.eval_split=null", "data.train_split=."])
+    cfg = apply_overrides(TrainConfig(), ["run.compile=off", "data.eval_split=null", "data.train_split=."])
     assert cfg.run.compile == "off" and cfg.data.eval_split is None and cfg.data.train_split == "."
     with pytest.raises(ValueError, match="dotted keys"):
-        _apply(TrainConfig(), ["backbone=resnet50"])
+        apply_overrides(TrainConfig(), ["backbone=resnet50"])
     with pytest.raises(ValueError, match="queue_size"):
-        _apply(TrainConfig(), ["method.queue_size=100"])
+        apply_overrides(TrainConfig(), ["method.queue_size=100"])
 
 
 def test_bench_config_names_unknown_arms_cases_and_modes():
@@ -163,6 +176,13 @@ def test_targets_met_and_missed():
     assert got["3x"]["met"] and got["3x"]["value"] == pytest.approx(3.0)
     assert not got["ceil"]["met"]
     assert got["full"]["met"] and got["full"]["value"] == pytest.approx(88 / 90)
+    # Per CPU kind: a no_bf16 target applies where fp32 is the fast path, a bf16 one where bf16 is.
+    kinds = [Target(name="fp32", other="reference", min=1.6, cpu="no_bf16"),
+             Target(name="bf16", other="reference", min=3.0, cpu="bf16")]
+    assert [t["name"] for t in check_targets({"c": {"rows": rows}}, kinds, False)] == ["fp32"]
+    assert [t["name"] for t in check_targets({"c": {"rows": rows}}, kinds, True)] == ["bf16"]
+    with pytest.raises(ValueError, match="cpu='avx'"):
+        check_targets({"c": {"rows": rows}}, [Target(cpu="avx")], True)
 
 
 def test_drain_takes_prefetched_batches_until_one_must_be_made():
