@@ -39,8 +39,10 @@ from fastmoco.bench_reference import ReferenceArm
 from fastmoco.config import TrainConfig, apply_overrides, from_hydra
 from fastmoco.data import SyntheticTwoViewLoader, build_pretrain_loader, num_workers, split_files
 from fastmoco.data import resolve_pipeline
-from fastmoco.device import resolve_device, resolve_precision
-from fastmoco.device import grad_scaler
+from fastmoco.device import (
+    cpu_bf16_speedup, cpu_kind, cpu_prefers_bf16, cpu_supports_bf16, describe_cpu, grad_scaler,
+    resolve_device, resolve_precision,
+)
 from fastmoco.optim import build_optimizer
 from fastmoco.pipelines.recipes import get_recipe
 from fastmoco.train import _decide_compile, build_model, train_step
@@ -445,7 +447,7 @@ class ArmCeilings:
 def _mm_dtypes(device: torch.device) -> list[tuple[str, torch.dtype]]:
     """The matmul dtypes with a ceiling here: fp32, and bf16 where the hardware runs it natively."""
     out = [("mm_fp32_flops", torch.float32)]
-    if device.type == "cuda" or _cpu_bf16():
+    if device.type == "cuda" or cpu_supports_bf16():
         out.append(("mm_bf16_flops", torch.bfloat16))
     return out
 
@@ -524,18 +526,6 @@ def ceilings(device: torch.device, cc: CeilingConfig) -> dict[str, float]:
     return out
 
 
-def _cpu_prefers_bf16() -> bool:
-    from fastmoco.device import cpu_prefers_bf16
-
-    return cpu_prefers_bf16()
-
-
-def _cpu_bf16() -> bool:
-    from fastmoco.device import cpu_supports_bf16
-
-    return cpu_supports_bf16()
-
-
 # ----------------------------------------------------------------------------- report
 
 
@@ -552,8 +542,6 @@ def setting(device: torch.device) -> dict[str, Any]:
         commit += "-dirty"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         platform.processor() or platform.machine())
-    from fastmoco.device import describe_cpu
-
     return {"device": f"{device} ({name})", "cpu": describe_cpu(), "torch": torch.__version__,
             "threads":
             torch.get_num_threads(), "cpus": os.cpu_count(), "commit": commit,
@@ -761,9 +749,7 @@ def run_case(cname: str, cfg: TrainConfig, cdef: CaseDef, bench: BenchConfig,
         arm_modes = [m for m in modes if adef.modes is None or m in adef.modes]
         if not arm_modes:
             continue
-        if adef.needs_bf16 and device.type == "cpu" and not _cpu_prefers_bf16():
-            from fastmoco.device import cpu_bf16_speedup, cpu_kind
-
+        if adef.needs_bf16 and device.type == "cpu" and not cpu_prefers_bf16():
             why = (f"bf16 is not this CPU's fast path ({cpu_kind()}, bf16 measured "
                    f"{cpu_bf16_speedup():.2f}x fp32; 0 = emulated): fastmoco runs fp32 here, and "
                    f"the arm would time a slow bf16")
@@ -806,7 +792,7 @@ def run_bench(base: TrainConfig, bench: BenchConfig) -> dict[str, Any]:
     stamp = time.strftime("%Y%m%d-%H%M%S")
 
     def save() -> None:  # after every case, so a long run that is stopped keeps what it measured
-        native = True if device.type == "cuda" else _cpu_prefers_bf16()
+        native = True if device.type == "cuda" else cpu_prefers_bf16()
         result["targets"] = check_targets(result["cases"], bench.targets, native)
         for name in (f"bench_{stamp}.json", "bench_latest.json"):
             (out / name).write_text(json.dumps(result, indent=1, default=str))

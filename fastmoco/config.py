@@ -201,7 +201,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str], world_size: int = 1)
             raise ValueError(f"override {o.input_line!r}: bench cases and arms and demo sizes take "
                              f"dotted keys (backbone.name=resnet50), not config groups "
                              f"(backbone=resnet50)")
-        OmegaConf.update(conf, o.key_or_group, o.value(), merge=False, force_add=o.is_add())
+        OmegaConf.update(conf, o.key_or_group, o.value(), merge=True, force_add=o.is_add())
     out = OmegaConf.to_object(conf)
     out.check(world_size)
     return out

@@ -95,21 +95,13 @@ def cpu_kind() -> str:
     AVX512, AVX2 (no native bf16: fp32 is the fast path) or DEFAULT. ATEN_CPU_CAPABILITY and
     ONEDNN_MAX_CPU_ISA lower it, as they lower what the kernels run."""
     capability = torch.backends.cpu.get_cpu_capability()  # e.g. AVX512, AVX2, DEFAULT
-    if capability.startswith("AVX512") and cpu_supports_bf16():
-        return "AMX" if "amx_bf16" in cpu_flags() and _onednn_isa_allows_amx() else "AVX512-BF16"
-    if capability.startswith("AVX512") and not cpu_supports_bf16():
-        return "AVX512" if _onednn_isa_allows_avx512() else "AVX2"
-    return capability
-
-
-def _onednn_isa_allows_amx() -> bool:
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-    return cap in ("ALL", "DEFAULT") or "AMX" in cap
-
-
-def _onednn_isa_allows_avx512() -> bool:
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-    return cap in ("ALL", "DEFAULT") or "AVX512" in cap or "AMX" in cap
+    if not capability.startswith("AVX512"):
+        return capability
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()  # oneDNN's own ISA ceiling
+    uncapped = cap in ("ALL", "DEFAULT")
+    if cpu_supports_bf16():
+        return "AMX" if "amx_bf16" in cpu_flags() and (uncapped or "AMX" in cap) else "AVX512-BF16"
+    return "AVX512" if uncapped or "AVX512" in cap or "AMX" in cap else "AVX2"
 
 
 def describe_cpu() -> dict[str, object]:

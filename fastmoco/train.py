@@ -213,9 +213,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         dtype = dtypes[broadcast_choice(dtypes.index(dtype), device)]
     run_dir = Path(cfg.run.dir)
     latest = ckpt.latest_checkpoint(run_dir) if cfg.run.resume else None
+    state = ckpt.load_checkpoint(latest) if latest is not None else None  # read once
     size_index = None
     if cfg.schedule.sizes:  # before seeding: measuring builds models
-        resumed = ckpt.load_checkpoint(latest).get("size_index") if latest else None
+        resumed = state.get("size_index") if state is not None else None
         cfg, size_index = choose_size(cfg, device, dtype, rank, world, resumed)
     torch.manual_seed(cfg.run.seed + rank)
     random.seed(cfg.run.seed + rank)
@@ -237,8 +238,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     warmup_steps = int(cfg.schedule.warmup_epochs * steps_per_epoch)
 
     progress = Progress()
-    if latest is not None:
-        progress = _resume(latest, moco, optimizer, scaler, rank, world, cfg)
+    if state is not None:
+        progress = _resume(latest, state, moco, optimizer, scaler, rank, world, cfg)
+        del state  # the model, optimizer and scaler hold their own copies now
         log.info("resumed from %s at step %d (epoch %d, batch %d)", latest, progress.step,
                  progress.epoch, progress.batch_in_epoch)
 
@@ -411,9 +413,9 @@ def _save(run_dir: Path, step: int, state_fn, rank: int, cfg: TrainConfig) -> No
         dist.barrier()
 
 
-def _resume(path: Path, moco: MoCo, optimizer, scaler, rank: int, world: int,
+def _resume(path: Path, state: dict, moco: MoCo, optimizer, scaler, rank: int, world: int,
             cfg: TrainConfig) -> Progress:
-    state = ckpt.load_checkpoint(path)
+    """Restore `state` (read from `path`) into the model, optimizer, scaler and RNGs."""
     if state["global_batch"] != cfg.schedule.batch_size:
         raise ValueError(
             f"{path} was trained with global batch {state['global_batch']} but "
