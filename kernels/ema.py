@@ -17,6 +17,8 @@ from torch import nn
 try:  # Triton is optional (Linux wheels only); the torch paths never need it
     import triton
     import triton.language as tl
+
+    from .launch import check_launchable
 except ImportError:  # pragma: no cover - exercised only without triton
     triton = None
 
@@ -128,8 +130,6 @@ def ema_flat_triton_(target: torch.Tensor, source: torch.Tensor, momentum: float
         raise RuntimeError("ema backend 'triton' needs the triton package; use backend='torch'")
     if target.shape != source.shape or target.dtype != source.dtype or not target.is_contiguous():
         raise ValueError("ema_flat_triton_: target/source must be equal-shaped contiguous buffers")
-    from .infonce import check_launchable
-
     check_launchable(target.device, "ema_update_")
     n = target.numel()
     ema_kernel[(triton.cdiv(n, EMA_BLOCK),)](

@@ -1,9 +1,10 @@
 """Fused queue logits + InfoNCE in Triton: one pass over the keys with an online log-sum-exp.
 
 Layers: two `@triton.jit` kernels (a split-K partial pass over the candidate keys and a combine
-that adds the positive), a launcher (`infonce_rows_triton`), an autograd.Function, and the
-public `infonce_triton`. The N×(1+K) logits never exist, forward or backward: the forward pass
-also accumulates Σ_j p_ij·key_j (N×C fp32), so the backward pass is one scale.
+that adds the positive), a launcher (`infonce_rows_triton`), the autograd.Function shared with
+the chunked path (rowwise.py), and the public `infonce_triton`. The N×(1+K) logits never exist,
+forward or backward: the forward pass also accumulates Σ_j p_ij·key_j (N×C fp32), so the backward
+pass is one scale.
 
 Notation (log2 domain, s = q·key · log2(e)/T): running max `m`, running sum `d` = Σ 2^(s−m),
 `acc` = Σ 2^(s−m)·key; the row log-sum-exp is (m + log2 d)·ln 2.
@@ -16,9 +17,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-from .chunked import check_infonce_inputs, rowwise_infonce
+from .launch import check_launchable, interpreter_active
+from .rowwise import check_infonce_inputs, rowwise_infonce
 
 LOG2E = 1.4426950408889634
 
@@ -137,24 +138,6 @@ def _infonce_combine_kernel(
 
 infonce_partial_kernel = triton.jit(_infonce_partial_kernel)
 infonce_combine_kernel = triton.jit(_infonce_combine_kernel)
-
-
-def interpreter_active() -> bool:
-    """True when triton was imported under TRITON_INTERPRET=1 (kernels then run on CPU tensors).
-
-    Triton 3.8's interpreter multiplies the raw bits of bf16 operands in tl.dot; the launcher then
-    sets DOT_UPCAST so the kernel widens them to fp32 first (exact: bf16 products fit in fp32).
-    """
-    return isinstance(tl.sum, InterpretedFunction)
-
-
-def check_launchable(device: torch.device, name: str) -> None:
-    """Raise naming the fix when Triton cannot run on this device in this process."""
-    if device.type != "cuda" and not interpreter_active():
-        raise RuntimeError(
-            f"{name}: backend='triton' on {device.type} tensors needs TRITON_INTERPRET=1 in the "
-            "environment before triton is first imported; on CPU use backend='auto' or 'chunked'"
-        )
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ def rerun_in_triton_interpreter():
     """Run a test file's Triton cases again in a TRITON_INTERPRET=1 subprocess: the flag must be
     set before triton is first imported, and this process imports it for the compile checks."""
     def rerun(test_file: str, selection: str) -> None:
-        from fastmoco.kernels.infonce import interpreter_active
+        from fastmoco.kernels.launch import interpreter_active
 
         if interpreter_active():
             pytest.skip("this process is the interpreter run")

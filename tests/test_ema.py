@@ -13,7 +13,7 @@ from torch import nn
 import fastmoco.kernels as K
 from fastmoco.kernels import ema_update_, ema_update_reference_, flat_layout, flatten_parameters_
 from fastmoco.kernels.ema import matching_flat_buffers
-from fastmoco.kernels.infonce import interpreter_active
+from fastmoco.kernels.launch import interpreter_active
 
 INTERP = interpreter_active()
 interp = pytest.mark.skipif(not INTERP, reason="runs in the TRITON_INTERPRET=1 subprocess")

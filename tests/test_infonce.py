@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from fastmoco.kernels import infonce as tri
 from fastmoco.kernels import infonce_inbatch_loss, infonce_loss
 from fastmoco.kernels.chunked import infonce_chunked, infonce_rows_chunked
+from fastmoco.kernels.launch import interpreter_active
 from fastmoco.kernels.reference import infonce_inbatch_loss_reference, infonce_loss_reference
 
-INTERP = tri.interpreter_active()
+INTERP = interpreter_active()
 interp = pytest.mark.skipif(not INTERP, reason="runs in the TRITON_INTERPRET=1 subprocess")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
