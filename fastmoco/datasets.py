@@ -2,25 +2,22 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
+
+from fastmoco.pipelines.cache import cache_dir
 
 log = logging.getLogger(__name__)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("FASTMOCO_CACHE", Path.home() / ".cache" / "fastmoco"))
-
-
 def ensure_cifar10(dest: Path | None = None) -> Path:
     """<dest>/{train,test}/<class>/NNNNN.jpg, downloaded by torchvision and written once."""
-    dest = dest or cache_dir() / "cifar10"
+    dest = dest or cache_dir("cifar10")
     done = dest / ".complete"
     if done.exists():
         return dest
     from torchvision.datasets import CIFAR10
 
-    raw = cache_dir() / "cifar10-raw"
+    raw = cache_dir("cifar10-raw")
     log.info("downloading CIFAR-10 to %s and writing JPEGs to %s (once)", raw, dest)
     for split, train in (("train", True), ("test", False)):
         ds = CIFAR10(str(raw), train=train, download=True)

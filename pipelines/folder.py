@@ -9,6 +9,10 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
+
+from .cache import cache_dir
+from .seeds import epoch_permutation
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +139,11 @@ def check_image(path: str) -> str | None:
             tail = f.read()
     except OSError as e:
         return f"unreadable: {type(e).__name__}: {e.strerror or e}"
+    return check_markers(head, tail)
+
+
+def check_markers(head: bytes, tail: bytes) -> str | None:
+    """None when `head` opens a JPEG/PNG and `tail` (its last TAIL_BYTES) holds the end marker, else why."""
     if head.startswith(JPEG_MAGIC):
         return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
     if head.startswith(PNG_MAGIC):
@@ -144,13 +153,15 @@ def check_image(path: str) -> str | None:
 
 def decode_check(path: str) -> str | None:
     """None when PIL decodes the whole file, else the reason (cheap check first)."""
-    reason = check_image(path)
-    if reason is not None:
-        return reason
+    return check_image(path) or pil_check(path)
+
+
+def pil_check(source: str | IO[bytes]) -> str | None:
+    """None when PIL decodes the whole image (a path or a binary file object), else the reason."""
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.draft("RGB", (img.width // 8 or 1, img.height // 8 or 1))  # DCT scaling still reads every byte
             img.load()
     except Exception as e:  # PIL raises many types for bad data
@@ -159,11 +170,10 @@ def decode_check(path: str) -> str | None:
 
 
 class _VerifyCache:
-    """decode_check results cached per root in $XDG_CACHE_HOME/fastmoco, keyed by path, size and mtime."""
+    """decode_check results cached per root in cache_dir("verify"), keyed by path, size and mtime."""
 
     def __init__(self, root: Path) -> None:
-        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastmoco" / "verify"
-        self.path = base / (hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16] + ".json")
+        self.path = cache_dir("verify") / (hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16] + ".json")
         try:
             self.entries: dict[str, list] = json.loads(self.path.read_text())
         except (OSError, ValueError):
@@ -203,19 +213,22 @@ def _log_skipped(root: Path, skipped: list[tuple[str, str]]) -> None:
         log.warning("skipped %d files under %s (first: %s)", len(skipped), root, first)
 
 
-def shard_indices(n: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int) -> list[int]:
-    """Rank's indices for one epoch: a permutation seeded by seed + epoch, cut to whole global
-    batches (drop_last), strided over ranks so that shards are disjoint and cover the kept part."""
-    import torch
-
+def epoch_steps(n: int, batch_size: int, rank: int, world_size: int, unit: str = "images") -> int:
+    """Full batches per rank and epoch (drop_last); an error when there is not even one."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
     steps = n // (batch_size * world_size)
     if steps == 0:
         raise ValueError(
             f"{n} images cannot fill one batch of {batch_size} on each of {world_size} ranks; "
-            f"lower batch_size or add images"
+            f"lower batch_size or add {unit}"
         )
-    g = torch.Generator().manual_seed(seed + epoch)
-    perm = torch.randperm(n, generator=g)[: steps * batch_size * world_size]
+    return steps
+
+
+def shard_indices(n: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int) -> list[int]:
+    """Rank's indices for one epoch: a permutation seeded by seed + epoch, cut to whole global
+    batches (drop_last), strided over ranks so that shards are disjoint and cover the kept part."""
+    steps = epoch_steps(n, batch_size, rank, world_size)
+    perm = epoch_permutation(n, seed, epoch)[: steps * batch_size * world_size]
     return perm[rank::world_size].tolist()

@@ -107,7 +107,7 @@ def check_gpu_graph(serialized: bytes, dtype: torch.dtype = torch.float32, n_out
     fed (transitively, through data inputs) by decoded images on "gpu", outputs from
     crop_mirror_normalize on the GPU in HWC and the DALI type for `dtype`. Readers and the
     random / arithmetic operators that compute per-sample parameters may stay on the CPU."""
-    from .dali import output_dtype
+    from .dali_graph import output_dtype
 
     ops, outputs = parse_pipeline(serialized)
     problems = []
@@ -153,7 +153,7 @@ def check_gpu_graph(serialized: bytes, dtype: torch.dtype = torch.float32, n_out
 def serialize_two_view_gpu_graph(recipe: TwoViewRecipe, dtype: torch.dtype = torch.float32,
                                  batch_size: int = 8) -> bytes:
     """The GPU training graph of `recipe`, serialized without needing CUDA."""
-    from .dali import two_view_pipeline
+    from .dali_graph import two_view_pipeline
 
     pipe = two_view_pipeline(["placeholder.jpg"], recipe, batch_size, device_id=None, gpu=True, dtype=dtype)
     return pipe.serialize()

@@ -13,6 +13,7 @@ from torchvision.transforms import v2 as T
 from .folder import ImageList, shard_indices
 from .webdataset import ShardList, TarImageLoader
 from .recipes import SOLARIZE_THRESHOLD, TwoViewRecipe, ViewRecipe
+from .seeds import sample_seed
 
 log = logging.getLogger(__name__)
 MAX_SUBSTITUTES = 16  # consecutive bad files tolerated before the sample is declared undecodable
@@ -80,7 +81,7 @@ class TwoViewDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         # The augmentation of a sample is a function of (seed, epoch, index) alone, whatever worker
         # draws it: a run resumed from a checkpoint sees the very same views.
-        torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+        torch.manual_seed(sample_seed(self.seed, epoch, index))
         for attempt in range(MAX_SUBSTITUTES):
             path = self.files[(index + attempt * 7919) % len(self.files)]
             try:

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-from .folder import ENV_VAR, JPEG_MAGIC, PNG_MAGIC, TAIL_BYTES
+from .cache import cache_dir as default_cache_dir
+from .folder import ENV_VAR, TAIL_BYTES, check_markers, pil_check
+from .seeds import epoch_permutation
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,7 @@ class ShardList:
 
     def epoch_order(self, seed: int, epoch: int) -> list[int]:
         """Shard order for an epoch: one permutation seeded by seed + epoch, the same on every rank."""
-        import torch
-
-        return torch.randperm(len(self.tars), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        return epoch_permutation(len(self.tars), seed, epoch).tolist()
 
     def members(self) -> list[Member]:
         """The image member of every sample, in index order."""
@@ -100,10 +100,6 @@ def find_tars(root: str | Path | Sequence[str]) -> list[str]:
     return tars
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastmoco" / "wds"
-
-
 def scan_webdataset(root: str | Path | Sequence[str], *, max_images: int | None = None, seed: int = 0,
                     verify: bool = False, cache_dir: str | Path | None = None) -> ShardList:
     """Index every shard (cached by path, size and mtime) and drop entries that are not images.
@@ -114,7 +110,7 @@ def scan_webdataset(root: str | Path | Sequence[str], *, max_images: int | None 
     `max_images` keeps whole shards drawn with `seed` (the last one cut) until it has that many.
     """
     tars = find_tars(root)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir("wds")
     with ThreadPoolExecutor(max_workers=min(8, len(tars))) as pool:
         metas = list(pool.map(lambda t: _cached_index(t, cache, verify), tars))
     kept = [(t, m) for t, m in zip(tars, metas) if m["count"] > 0]
@@ -236,32 +232,11 @@ def check_member(f, offset: int, size: int, decode: bool = False) -> str | None:
         return "empty member"
     tail_start = offset + max(0, size - TAIL_BYTES)
     f.seek(tail_start)
-    tail = f.read(offset + size - tail_start)
-    if head.startswith(JPEG_MAGIC):
-        if b"\xff\xd9" not in tail:
-            return "truncated JPEG (no end-of-image marker)"
-    elif head.startswith(PNG_MAGIC):
-        if b"IEND" not in tail:
-            return "truncated PNG (no IEND chunk)"
-    else:
-        return "not a JPEG or PNG (bad magic bytes)"
-    if not decode:
-        return None
+    reason = check_markers(head, f.read(offset + size - tail_start))
+    if reason is not None or not decode:
+        return reason
     f.seek(offset)
-    return decode_bytes_check(f.read(size))
-
-
-def decode_bytes_check(data: bytes) -> str | None:
-    """None when PIL decodes the whole image, else the reason."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.draft("RGB", (img.width // 8 or 1, img.height // 8 or 1))
-            img.load()
-    except Exception as e:  # PIL raises many types for bad data
-        return f"decode failed: {type(e).__name__}: {e}"
-    return None
+    return pil_check(io.BytesIO(f.read(size)))
 
 
 def write_index(idx: Path, entries: Sequence[Entry], meta: dict) -> dict:

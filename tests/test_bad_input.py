@@ -58,6 +58,7 @@ def test_scan_skips_with_reasons(bad_tree, caplog):
 
 
 def test_verify_catches_corrupt_middle_and_caches(tmp_path, imagenet_samples, monkeypatch):
+    monkeypatch.delenv("FASTMOCO_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     data = bytearray(sorted(imagenet_samples.iterdir())[0].read_bytes())
     data[len(data) // 3 : len(data) // 3 + 2000] = random.Random(0).randbytes(2000)

@@ -9,7 +9,7 @@ import nvidia.dali.types as types  # noqa: E402
 from nvidia.dali import pipeline_def  # noqa: E402
 
 from fastmoco.pipelines import RECIPES, get_recipe  # noqa: E402
-from fastmoco.pipelines.dali import augment_view, decode, output_dtype  # noqa: E402
+from fastmoco.pipelines.dali_graph import augment_view, decode, output_dtype  # noqa: E402
 from fastmoco.pipelines.graph_check import check_gpu_graph, parse_pipeline, serialize_two_view_gpu_graph  # noqa: E402
 
 
@@ -26,7 +26,7 @@ def test_gpu_graph_placement(name, dtype):
 
 
 def test_cpu_graph_has_no_gpu_ops():
-    from fastmoco.pipelines.dali import two_view_pipeline
+    from fastmoco.pipelines.dali_graph import two_view_pipeline
 
     ops, _ = parse_pipeline(two_view_pipeline(["x.jpg"], get_recipe("v3"), 4, device_id=None).serialize())
     assert {op.device for op in ops} == {"cpu"}

@@ -11,6 +11,7 @@ from PIL import Image
 from fastmoco.pipelines import (TwoViewRecipe, ViewRecipe, build_eval_loader, build_train_loader,
                                 get_recipe, is_webdataset, scan_webdataset)
 from fastmoco.pipelines.recipes import CIFAR_MEAN, CIFAR_STD
+from fastmoco.pipelines.cache import cache_dir
 from fastmoco.pipelines.webdataset import find_tars, read_index
 
 CPU = torch.device("cpu")
@@ -55,6 +56,7 @@ def cifar_shards(tmp_path_factory, cifar_jpegs) -> Path:
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.delenv("FASTMOCO_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return tmp_path / "cache" / "fastmoco" / "wds"
 
@@ -102,6 +104,16 @@ def test_bad_entries_skipped_counted_and_cached(cifar_jpegs, cache, tmp_path, mo
     assert len(verified) == 2 and "decode failed" in dict(verified.skipped)[f"{tar}:g"]
     monkeypatch.setattr("fastmoco.pipelines.webdataset._build_index", lambda *a: pytest.fail("not cached"))
     assert len(scan_webdataset([tar])) == 2  # the verified index serves a plain scan too
+
+
+def test_one_cache_root_for_every_kind(cifar_shards, cache, tmp_path, monkeypatch):
+    assert cache_dir("wds") == cache and cache_dir("verify") == cache.parent / "verify"
+    monkeypatch.setenv("FASTMOCO_CACHE", str(tmp_path / "fm"))  # overrides XDG_CACHE_HOME, as for CIFAR-10
+    assert cache_dir() == tmp_path / "fm" and cache_dir("verify") == tmp_path / "fm" / "verify"
+    assert all(Path(i).parent == tmp_path / "fm" / "wds" for i in scan_webdataset(cifar_shards).indexes)
+    monkeypatch.delenv("FASTMOCO_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_dir("wds") == Path.home() / ".cache" / "fastmoco" / "wds"
 
 
 def test_missing_shards_name_the_fix(tmp_path, cache):
