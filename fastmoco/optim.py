@@ -25,19 +25,20 @@ class LARS(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
             scaled = [p for p in params if p.ndim > 1]
+            # The update of a scaled tensor is a new tensor: p.grad stays the gradient.
+            update = {p: p.grad for p in params if p.ndim <= 1}
             if scaled:
-                g = [p.grad for p in scaled]
-                torch._foreach_add_(g, scaled, alpha=group["weight_decay"])
+                d = torch._foreach_add([p.grad for p in scaled], scaled, alpha=group["weight_decay"])
                 p_norm = torch._foreach_norm(scaled)
-                g_norm = torch._foreach_norm(g)
+                d_norm = torch._foreach_norm(d)
                 ratios = [
-                    torch.where((pn > 0) & (gn > 0), group["trust_coefficient"] * pn / gn,
+                    torch.where((pn > 0) & (dn > 0), group["trust_coefficient"] * pn / dn,
                                 torch.ones_like(pn))
-                    for pn, gn in zip(p_norm, g_norm)
+                    for pn, dn in zip(p_norm, d_norm)
                 ]
-                torch._foreach_mul_(g, ratios)
+                torch._foreach_mul_(d, ratios)
+                update.update(zip(scaled, d))
             bufs = []
             for p in params:
                 state = self.state[p]
@@ -45,7 +46,7 @@ class LARS(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(p)
                 bufs.append(state["momentum_buffer"])
             torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(bufs, [update[p] for p in params])
             torch._foreach_add_(params, bufs, alpha=-group["lr"])
         return None
 

@@ -1,0 +1,160 @@
+"""Checkpoints: atomic writes under failure, latest/rotation by step, weights_only loading."""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+
+import pytest
+import torch
+
+import fastmoco.checkpoint as ckpt
+
+
+def state(step):
+    g = torch.Generator().manual_seed(step)
+    return {"step": step, "weights": {"w": torch.randn(4, 3, generator=g)}, "lr": 0.1 * step}
+
+
+def files(run_dir):
+    return sorted(p.name for p in ckpt.checkpoint_dir(run_dir).iterdir())
+
+
+def assert_state_equal(got, want):
+    assert got["step"] == want["step"] and got["lr"] == want["lr"]
+    assert torch.equal(got["weights"]["w"], want["weights"]["w"])
+
+
+def failing_save(exc):
+    """A torch.save that writes part of a file, then raises."""
+    def save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise exc
+    return save
+
+
+@pytest.mark.parametrize("exc", [OSError("disk full"), KeyboardInterrupt()])
+def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch, exc):
+    old = ckpt.save_checkpoint(tmp_path, 10, state(10))
+    old_bytes = old.read_bytes()
+    monkeypatch.setattr(torch, "save", failing_save(exc))
+    with pytest.raises(type(exc)):
+        ckpt.save_checkpoint(tmp_path, 20, state(20))
+    monkeypatch.undo()
+    assert files(tmp_path) == ["checkpoint_000000010.pt"]  # no temp file, no half checkpoint
+    assert ckpt.latest_checkpoint(tmp_path) == old
+    assert old.read_bytes() == old_bytes
+    assert_state_equal(ckpt.load_checkpoint(old), state(10))
+
+
+def test_failed_rename_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    old = ckpt.save_checkpoint(tmp_path, 10, state(10))
+
+    def fail(src, dst):
+        raise OSError("rename failed")
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="rename failed"):
+        ckpt.save_checkpoint(tmp_path, 20, state(20))
+    monkeypatch.undo()
+    assert files(tmp_path) == ["checkpoint_000000010.pt"]
+    assert ckpt.latest_checkpoint(tmp_path) == old
+    assert_state_equal(ckpt.load_checkpoint(old), state(10))
+
+
+def test_file_being_written_is_not_latest(tmp_path, monkeypatch):
+    """Mid-write (a crash now would leave this), the old checkpoint is still the latest."""
+    old = ckpt.save_checkpoint(tmp_path, 10, state(10))
+    real_save, seen = torch.save, []
+
+    def slow_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half")
+        f.flush()
+        seen.append(ckpt.latest_checkpoint(tmp_path))
+        f.seek(0)
+        f.truncate()
+        real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", slow_save)
+    new = ckpt.save_checkpoint(tmp_path, 20, state(20))
+    monkeypatch.undo()
+    assert seen == [old]
+    assert ckpt.latest_checkpoint(tmp_path) == new
+    assert_state_equal(ckpt.load_checkpoint(new), state(20))
+
+
+def test_failed_overwrite_leaves_old_content(tmp_path, monkeypatch):
+    """save_atomic over an existing file: a failure mid-write leaves the old file whole."""
+    path = tmp_path / "sub" / "model.pt"
+    ckpt.save_atomic(state(1), path)
+    monkeypatch.setattr(torch, "save", failing_save(RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        ckpt.save_atomic(state(2), path)
+    monkeypatch.undo()
+    assert os.listdir(path.parent) == ["model.pt"]
+    assert_state_equal(ckpt.load_checkpoint(path), state(1))
+    ckpt.save_atomic(state(2), path)  # and a later write succeeds
+    assert_state_equal(ckpt.load_checkpoint(path), state(2))
+
+
+def test_stray_temp_files_are_never_latest(tmp_path):
+    """Leftovers of a killed writer (temp names) do not count as checkpoints."""
+    ckpt.save_checkpoint(tmp_path, 5, state(5))
+    d = ckpt.checkpoint_dir(tmp_path)
+    (d / ".checkpoint_000000009.pt.abc123.tmp").write_bytes(b"partial")
+    (d / "checkpoint_000000009.pt.tmp").write_bytes(b"partial")
+    assert ckpt.latest_checkpoint(tmp_path) == d / "checkpoint_000000005.pt"
+
+
+def test_latest_is_by_step_not_by_write_order(tmp_path):
+    for step in (100, 9, 10):
+        ckpt.save_checkpoint(tmp_path, step, state(step), keep=10)
+    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint_000000100.pt"
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
+        "checkpoint_000000009.pt", "checkpoint_000000010.pt", "checkpoint_000000100.pt"]
+
+
+def test_no_checkpoint(tmp_path):
+    assert ckpt.latest_checkpoint(tmp_path) is None
+    assert ckpt.list_checkpoints(tmp_path) == []
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3])
+def test_rotation_keeps_newest(tmp_path, keep):
+    steps = [1, 2, 5, 10, 20]
+    for step in steps:
+        path = ckpt.save_checkpoint(tmp_path, step, state(step), keep=keep)
+        assert path.exists()
+    assert files(tmp_path) == [f"checkpoint_{s:09d}.pt" for s in steps[-keep:]]
+    assert_state_equal(ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path)), state(20))
+
+
+def test_rotation_leaves_other_files(tmp_path):
+    d = ckpt.checkpoint_dir(tmp_path)
+    d.mkdir(parents=True)
+    (d / "notes.txt").write_text("keep me")
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, step, state(step), keep=1)
+    assert files(tmp_path) == ["checkpoint_000000003.pt", "notes.txt"]
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_load_refuses_arbitrary_objects(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        ckpt.load_checkpoint(path)
+
+
+def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    random.seed(1)
+    torch.manual_seed(1)
+    path = ckpt.save_checkpoint(tmp_path, 1, {"rng": ckpt.rng_state()})
+    want = ([random.random() for _ in range(3)], torch.rand(3))
+    random.seed(2)
+    torch.manual_seed(2)
+    ckpt.set_rng_state(ckpt.load_checkpoint(path)["rng"])
+    got = ([random.random() for _ in range(3)], torch.rand(3))
+    assert got[0] == want[0] and torch.equal(got[1], want[1])
