@@ -14,12 +14,11 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fastmoco.bench import matmul_rate
+from fastmoco.bench.measure import matmul_rate
+from fastmoco.build import build_trainer, local_runtime
 from fastmoco.config import TrainConfig, apply_overrides
 from fastmoco.data import SyntheticTwoViewLoader
-from fastmoco.device import describe_cpu, grad_scaler, resolve_precision
-from fastmoco.optim import build_optimizer
-from fastmoco.train import build_model, train_step
+from fastmoco.device import describe_cpu
 
 GROUPS = {
     "conv forward": ("mkldnn_convolution", "convolution_overrideable", "_convolution"),
@@ -52,16 +51,14 @@ def main() -> None:
         "backbone.name=resnet18", "backbone.cifar_stem=true", "data.name=synthetic",
         "data.image_size=32", f"schedule.batch_size={a.batch}", "method.queue_size=4096",
         f"method.bn_splits={a.splits}", "method.temperature=0.1", "method.momentum=0.99",
-        "run.compile=off", f"run.precision={a.precision}",
-        f"+backbone.kwargs.channels=[{w},{2 * w},{4 * w},{8 * w}]"])
-    device = torch.device("cpu")
-    dtype = resolve_precision(cfg.run.precision, device)
-    moco = build_model(cfg, device, True, dtype)
-    opt = build_optimizer(moco.parameters(), cfg.optim, cfg.optim.lr, device)
-    scaler = grad_scaler(device, dtype)
+        "run.compile=off", f"run.precision={a.precision}", "run.device=cpu",
+        "run.channels_last=true", f"+backbone.kwargs.channels=[{w},{2 * w},{4 * w},{8 * w}]"])
+    rt = local_runtime(cfg)
+    device, dtype = rt.device, rt.dtype
+    trainer = build_trainer(cfg, rt, steps=a.steps + 2)
     loader = iter(SyntheticTwoViewLoader(a.batch * (a.steps + 2), a.batch, 32, device, dtype,
                                          True, 0))
-    run = lambda xq, xk: train_step(moco, moco, opt, scaler, xq, xk, 0.03, 0.99, device, dtype)
+    run = lambda xq, xk: trainer.step(xq, xk, 0.03, 0.99)
     for _ in range(2):
         run(*next(loader))
     ceil_before = matmul_rate(device, torch.float32, 2048, 3)

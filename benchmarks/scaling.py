@@ -156,8 +156,8 @@ def _measure_worker(rank: int, world: int, port: int, steps: int, batch: int, re
         dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
     moco = MoCo("resnet18", version="v2", dim=128, queue_size=4096, cifar_stem=True,
-                shuffle_bn="ddp" if world > 1 else "none", loss_backend="torch")  # plain BN baseline
-    moco.prepare_ema()
+                shuffle_bn="ddp" if world > 1 else "none", loss_backend="torch",  # plain BN baseline
+                world_size=world)
     counter = _Counter()
     model: nn.Module = moco
     if world > 1:

@@ -8,10 +8,9 @@ import torch
 from torch import nn
 
 from fastmoco.backbone import has_batchnorm
+from fastmoco.config import SHUFFLE_BN_MODES, splits_bn
 
 log = logging.getLogger(__name__)
-
-SHUFFLE_BN_MODES = ("auto", "ddp", "split", "sync", "none")
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
@@ -138,7 +137,7 @@ def resolve_shuffle_bn(mode: str, world_size: int, backbone: nn.Module) -> str:
         return mode
     if not has_batchnorm(backbone):
         return "none"
-    if world_size > 1:
+    if not splits_bn(mode, world_size):
         return "ddp"
     if others:
         log.warning("one process and %d BatchNorm layers split BN cannot take over (e.g. %s): "

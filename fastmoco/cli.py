@@ -1,4 +1,6 @@
-"""`fastmoco train <hydra overrides>` and `fastmoco bench <hydra overrides>`."""
+"""The one entry: `fastmoco train|bench <hydra overrides>` (console script and `python -m fastmoco`).
+
+Hydra composes the yaml on the dataclass schema; the result becomes typed config here, once."""
 from __future__ import annotations
 
 import sys
@@ -63,7 +65,3 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(USAGE, file=sys.stderr)
         raise SystemExit(f"unknown command {command!r}: use train or bench")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,10 @@
-"""Typed configuration: hydra composes the yaml in conf/, these dataclasses hold and check it.
+"""Typed configuration: the one source of every default and every check.
 
-The CLI converts once (`from_hydra`); everything below it takes these plain objects.
+These dataclasses hold the defaults; hydra composes the yaml in conf/ (presets and overrides
+only) on top of them, registered as the schema `fastmoco_schema`. The CLI converts once
+(`from_hydra`); everything below it takes these plain objects. Each field is checked when the
+dataclass is made, settings that depend on each other or on the machine in `TrainConfig.check`;
+every message names the setting to change.
 """
 from __future__ import annotations
 
@@ -8,6 +12,28 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+VERSIONS = ("v1", "v2", "v3")
+MOMENTUM_SCHEDULES = ("constant", "cosine")
+SHUFFLE_BN_MODES = ("auto", "ddp", "split", "sync", "none")
+PIPELINES = ("auto", "dali", "torchvision")
+OPTIMIZERS = ("sgd", "lars", "adamw")
+LR_SCHEDULES = ("cosine", "step", "constant")
+KNN_FEATURES = ("head", "backbone")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+COMPILE = ("auto", "on", "off")
+
+
+def choose(setting: str, value: Any, choices: tuple) -> None:
+    """The check every enumerated setting goes through."""
+    if value not in choices:
+        raise ValueError(f"{setting}={value!r}: choose one of {', '.join(map(str, choices))}")
+
+
+def splits_bn(shuffle_bn: str, world_size: int) -> bool:
+    """Whether the key encoder's BN runs split by sub-batch (one process, or asked for): the one
+    rule that the config check and the model (batchnorm.resolve_shuffle_bn) both follow."""
+    return shuffle_bn == "split" or (shuffle_bn == "auto" and world_size == 1)
 
 
 @dataclass
@@ -26,8 +52,14 @@ class MethodConfig:
     bn_splits: int = 8
 
     def __post_init__(self) -> None:
-        if self.version not in ("v1", "v2", "v3"):
-            raise ValueError(f"method.version={self.version!r}: choose v1, v2 or v3")
+        choose("method.version", self.version, VERSIONS)
+        choose("method.momentum_schedule", self.momentum_schedule, MOMENTUM_SCHEDULES)
+        choose("method.shuffle_bn", self.shuffle_bn, SHUFFLE_BN_MODES)
+        if self.bn_splits < 1:
+            raise ValueError(f"method.bn_splits={self.bn_splits}: choose 1 or more")
+        if self.version != "v3" and self.queue_size < 1:
+            raise ValueError(f"method.queue_size={self.queue_size}: MoCo {self.version} needs a "
+                             f"queue (e.g. 65536); only method.version=v3 runs without one")
         if not 0.0 <= self.momentum <= 1.0:
             raise ValueError(f"method.momentum={self.momentum} must lie in [0, 1]")
         if self.temperature <= 0:
@@ -58,6 +90,13 @@ class DataConfig:
     knn_eval_max: Optional[int] = None
     synthetic_images: int = 4096  # images per epoch for data=synthetic
 
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("data.name is empty: name the dataset (its folder under $FASTMOCO_DATA "
+                             "or ../shared/data), or data=synthetic")
+        if self.image_size < 1:
+            raise ValueError(f"data.image_size={self.image_size}: choose a positive size")
+
 
 @dataclass
 class PipelineConfig:
@@ -67,8 +106,7 @@ class PipelineConfig:
     num_workers: int = -1  # -1: one per core
 
     def __post_init__(self) -> None:
-        if self.kind not in ("auto", "dali", "torchvision"):
-            raise ValueError(f"pipeline.kind={self.kind!r}: choose auto, dali or torchvision")
+        choose("pipeline.kind", self.kind, PIPELINES)
 
 
 @dataclass
@@ -79,6 +117,11 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self) -> None:
+        choose("optim.name", self.name, OPTIMIZERS)
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr} must be positive")
 
     def lr_for(self, batch_size: int) -> float:
         """The learning rate for a global batch: `lr`, scaled linearly when base_batch is set."""
@@ -99,6 +142,15 @@ class ScheduleConfig:
     sizes: list[list[str]] = field(default_factory=list)
     min_steps: int = 0
 
+    def __post_init__(self) -> None:
+        choose("schedule.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ValueError(f"schedule.batch_size={self.batch_size}, schedule.epochs="
+                             f"{self.epochs}: both must be at least 1")
+        if self.sizes and (not self.time_budget_min or self.min_steps <= 0):
+            raise ValueError("schedule.sizes needs schedule.time_budget_min and a positive "
+                             "schedule.min_steps: set both, or schedule.sizes=[]")
+
 
 @dataclass
 class KnnConfig:
@@ -116,6 +168,12 @@ class KnnConfig:
     # data's statistics. 0: the default statistics.
     init_bn_calibration_images: int = 2560
     batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        choose("knn.features", self.features, KNN_FEATURES)
+        if self.enabled and (self.k < 1 or self.every_epochs < 1):
+            raise ValueError(f"knn.k={self.k}, knn.every_epochs={self.every_epochs}: both must be "
+                             f"at least 1 (or knn.enabled=false)")
 
 
 @dataclass
@@ -136,6 +194,16 @@ class RunConfig:
     resume: bool = True
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        # yaml reads a bare on/off as a boolean
+        self.compile = {"true": "on", "false": "off"}.get(str(self.compile).lower(),
+                                                           str(self.compile).lower())
+        choose("run.compile", self.compile, COMPILE)
+        choose("run.precision", self.precision, PRECISIONS)
+        if self.log_every < 1 or self.checkpoint_every_epochs < 1:
+            raise ValueError(f"run.log_every={self.log_every}, run.checkpoint_every_epochs="
+                             f"{self.checkpoint_every_epochs}: both must be at least 1")
+
 
 @dataclass
 class TrainConfig:
@@ -148,8 +216,21 @@ class TrainConfig:
     knn: KnnConfig = field(default_factory=KnnConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-    def check(self, world_size: int = 1) -> None:
-        """Fail at start, naming what to change, on settings that would fail mid-run."""
+    def check(self, world_size: int = 1, device_type: Optional[str] = None) -> None:
+        """Fail at start, naming what to change, on settings that only fail together, with the
+        number of processes, or on this machine (`device_type`: cpu | cuda, None: not known yet)."""
+        from fastmoco.kernels import EMA_BACKENDS, INFONCE_BACKENDS
+
+        choose("run.loss_backend", self.run.loss_backend, INFONCE_BACKENDS)
+        choose("run.ema_backend", self.run.ema_backend, EMA_BACKENDS)
+        d = self.data
+        if d.name not in ("synthetic", "cifar10") and not d.root and default_data_root(d.name) is None:
+            raise ValueError(f"data.name={d.name!r} has no folder: set data.root=/path/to/{d.name} "
+                             f"(holding {d.train_split}/<class>/<images> or {d.train_split}/*.tar), "
+                             f"or $FASTMOCO_DATA, or use data=synthetic")
+        if self.method.shuffle_bn == "sync" and device_type not in (None, "cuda"):
+            raise ValueError("method.shuffle_bn=sync needs CUDA (torch's SyncBatchNorm runs on GPUs "
+                             "only): on the CPU use method.shuffle_bn=ddp, split or auto")
         b, w = self.schedule.batch_size, world_size
         if b % w != 0:
             raise ValueError(
@@ -166,12 +247,11 @@ class TrainConfig:
                 f"set method.queue_size={good} or change schedule.batch_size"
             )
         local = b // w
-        if self.method.shuffle_bn in ("auto", "split") and self.method.bn_splits > 1:
-            if local % self.method.bn_splits != 0 and w == 1:
-                raise ValueError(
-                    f"batch per process {local} is not a multiple of method.bn_splits="
-                    f"{self.method.bn_splits}: change one of them"
-                )
+        if splits_bn(self.method.shuffle_bn, w) and local % self.method.bn_splits != 0:
+            raise ValueError(
+                f"batch per process {local} is not a multiple of method.bn_splits="
+                f"{self.method.bn_splits}: change one of them"
+            )
 
 
 def default_data_root(name: str) -> Optional[Path]:
@@ -205,6 +285,16 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str], world_size: int = 1)
     out = OmegaConf.to_object(conf)
     out.check(world_size)
     return out
+
+
+def register_schema(name: str, node: type) -> None:
+    """Make a dataclass the base hydra composes the yaml on (`defaults: - schema: <name>`)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="schema", name=name, node=node, package="_global_")
+
+
+register_schema("train", TrainConfig)
 
 
 def from_hydra(cfg: Any) -> TrainConfig:

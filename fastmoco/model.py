@@ -13,11 +13,12 @@ from fastmoco.batchnorm import (
     convert_split_bn_, forward_in_splits, resolve_shuffle_bn, split_norms,
 )
 from fastmoco.distributed import (
-    batch_shuffle, batch_unshuffle, concat_all_gather, get_rank, get_world_size,
+    batch_shuffle, batch_unshuffle, concat_all_gather, get_rank,
 )
 from fastmoco.heads import bn_mlp, projection_head
 from fastmoco.kernels import ema_update_, flatten_parameters_, infonce_inbatch_loss, infonce_loss
 from fastmoco.queue import KeyQueue
+from fastmoco.trace import traced
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -37,6 +38,11 @@ class MoCo(nn.Module):
     `forward(x_q, x_k)` runs Algorithm 1 up to the loss: momentum update, queries, keys
     (shuffle BN), InfoNCE over [k+, queue]/T. The caller enqueues `output.keys` after backward
     (`enqueue`), so the loss may keep a reference to the queue instead of copying it.
+
+    The model owns its placement: `.to(device, memory_format=...)` (any nn.Module move) keeps
+    both encoders' parameters in one flat buffer each, and the queue in the dtype the loss runs
+    in (`compute_dtype` on GPUs, where the fused loss then reads half the bytes; the parameters'
+    dtype elsewhere). `world_size` is the number of processes the model is trained on.
     """
 
     def __init__(
@@ -56,6 +62,8 @@ class MoCo(nn.Module):
         backbone_kwargs: dict[str, Any] | None = None,
         loss_backend: str = "auto",
         ema_backend: str = "auto",
+        world_size: int = 1,
+        compute_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         if version not in ("v1", "v2", "v3"):
@@ -68,7 +76,8 @@ class MoCo(nn.Module):
         self.symmetric = symmetric or version == "v3"
         self.loss_backend = loss_backend
         self.ema_backend = ema_backend
-        self.shuffle_bn = resolve_shuffle_bn(shuffle_bn, get_world_size(), backbone)
+        self.compute_dtype = compute_dtype
+        self.shuffle_bn = resolve_shuffle_bn(shuffle_bn, world_size, backbone)
         if bn_splits < 1:
             raise ValueError(f"method.bn_splits={bn_splits}: choose 1 or more")
         self.bn_splits = bn_splits
@@ -84,18 +93,32 @@ class MoCo(nn.Module):
         # v3 puts a predictor on the query side only.
         self.predictor = bn_mlp(dim, dim, mlp_hidden or 4096, layers=2) if version == "v3" else None
         self.queue = KeyQueue(queue_size, dim) if version != "v3" else None
+        self._place()
 
     @property
     def backbone(self) -> nn.Module:
         """The query encoder's backbone: what is kept after pretraining."""
         return self.query_encoder[0]
 
-    def prepare_ema(self) -> None:
-        """Call once the model sits on its device and memory format: both encoders' parameters
-        become views into one flat buffer each, so the momentum update is a single operation."""
+    def _apply(self, fn, recurse: bool = True):  # every .to(), .cuda(), .double(), ...
+        super()._apply(fn, recurse)
+        self._place()
+        return self
+
+    @torch.no_grad()
+    def _place(self) -> None:
+        """After a move: both encoders' parameters become views into one flat buffer each (the
+        momentum update is then a single operation), and the queue takes the loss's dtype."""
         flatten_parameters_(self.query_encoder)
         flatten_parameters_(self.key_encoder)
+        if self.queue is not None:
+            param = next(self.query_encoder.parameters())
+            half = self.compute_dtype in (torch.bfloat16, torch.float16)
+            dtype = self.compute_dtype if param.is_cuda and half else param.dtype
+            if self.queue.keys.dtype != dtype:
+                self.queue.keys = self.queue.keys.to(dtype)
 
+    @traced("ema")
     @torch.no_grad()
     def momentum_update(self, momentum: float) -> None:
         """θ_k ← m·θ_k + (1−m)·θ_q over the parameters; the key encoder's BN buffers stay its own."""
@@ -127,6 +150,7 @@ class MoCo(nn.Module):
             return batch_unshuffle(k, idx_unshuffle)
         return _normalize(self._encode(self.key_encoder, x))
 
+    @traced("loss")
     def _contrast(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.queue is None:  # v3: in-batch keys of all processes, scaled by 2T as in the paper
             keys = concat_all_gather(k)
@@ -156,6 +180,7 @@ class MoCo(nn.Module):
             keys = concat_all_gather(keys)
         return MoCoOutput(loss1 + loss2, (acc1 + acc2) / 2, keys)
 
+    @traced("queue")
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
         """Algorithm 1's last line: the newest keys replace the oldest in the queue."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 
 def momentum_at(step: int, total_steps: int, base: float, schedule: str = "constant") -> float:
@@ -33,3 +34,21 @@ def lr_at(
     if schedule == "constant":
         return base_lr
     raise ValueError(f"unknown lr schedule {schedule!r}: choose cosine, step or constant")
+
+
+@dataclass(frozen=True)
+class Schedules:
+    """The run's lr and momentum, read at the position `Progress.schedule_position` gives."""
+
+    base_lr: float
+    warmup_steps: int
+    lr_schedule: str
+    milestones: tuple[float, ...]
+    momentum: float
+    momentum_schedule: str
+
+    def at(self, position: float, length: int) -> tuple[float, float]:
+        """(lr, m) for the step at `position` of a schedule `length` steps long."""
+        lr = lr_at(position, length, self.base_lr, self.lr_schedule, self.warmup_steps,
+                   self.milestones)
+        return lr, momentum_at(position, length, self.momentum, self.momentum_schedule)

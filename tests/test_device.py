@@ -2,6 +2,7 @@
 AVX2 stand-in the suite uses, BN recalibration for the random-init baseline, demo sizing."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,11 +14,13 @@ import torch
 from torch import nn
 
 from fastmoco import autosize, device
+from fastmoco.build import Runtime
 from fastmoco.config import TrainConfig
 from fastmoco.device import ISA_CAP_VARS, cpu_supports_bf16, resolve_precision
 from fastmoco.knn import recalibrate_bn_
 
 CPU = torch.device("cpu")
+RT = Runtime(CPU, torch.float32)
 AVX2_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
              "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
@@ -128,19 +131,18 @@ def test_autosize_takes_the_first_size_that_gets_its_steps(monkeypatch):
     pace = {256: 1.0, 128: 0.5, 64: 0.25}  # seconds per step: 60, 120, 240 steps in a minute
     monkeypatch.setattr(autosize, "step_seconds",
                         lambda c, *a: pace[c.schedule.batch_size])
-    chosen, index = autosize.choose_size(cfg, CPU, torch.float32, rank=0, world=1)
+    chosen, index = autosize.choose_size(cfg, RT)
     assert (chosen.schedule.batch_size, index) == (128, 1)
     assert cfg.schedule.batch_size == 256  # the caller's config is left as it was
     cfg.schedule.min_steps = 1000  # no size gets there: the smallest
-    assert autosize.choose_size(cfg, CPU, torch.float32, 0, 1)[1] == 2
+    assert autosize.choose_size(cfg, RT)[1] == 2
     # A resumed run keeps its checkpoint's size without measuring.
     monkeypatch.setattr(autosize, "step_seconds", lambda *a: pytest.fail("measured on resume"))
-    assert autosize.choose_size(cfg, CPU, torch.float32, 0, 1, resumed=0)[0].schedule.batch_size == 256
+    assert autosize.choose_size(cfg, RT, resumed=0)[0].schedule.batch_size == 256
     with pytest.raises(ValueError, match="restore schedule.sizes"):
-        autosize.choose_size(cfg, CPU, torch.float32, 0, 1, resumed=5)
-    cfg.schedule.time_budget_min = None
-    with pytest.raises(ValueError, match="schedule.time_budget_min"):
-        autosize.choose_size(cfg, CPU, torch.float32, 0, 1)
+        autosize.choose_size(cfg, RT, resumed=5)
+    with pytest.raises(ValueError, match="schedule.time_budget_min"):  # checked when made
+        dataclasses.replace(cfg.schedule, time_budget_min=None)
 
 
 def test_autosize_times_the_real_step():
@@ -150,5 +152,5 @@ def test_autosize_times_the_real_step():
     cfg.data.name, cfg.data.image_size = "synthetic", 16
     cfg.schedule.batch_size, cfg.method.queue_size, cfg.method.bn_splits = 8, 64, 2
     cfg.run.compile = "off"
-    seconds = autosize.step_seconds(cfg, CPU, torch.float32, 1)
+    seconds = autosize.step_seconds(cfg, RT)
     assert 0 < seconds < 30

@@ -21,7 +21,7 @@ from torch import nn
 
 from fastmoco import MoCo
 from fastmoco.checkpoint import list_checkpoints, load_checkpoint
-from fastmoco.distributed import AnyProcess, broadcast_module_
+from fastmoco.distributed import AnyProcess, broadcast_module_, get_world_size
 from fastmoco.pipelines.folder import shard_indices
 from fastmoco.pipelines.torchvision import EpochShardSampler
 
@@ -62,9 +62,9 @@ class TinyNet(nn.Module):
 def tiny_moco(version: str, shuffle_bn: str, seed: int) -> MoCo:
     torch.manual_seed(seed)
     moco = MoCo(TinyNet(), version=version, dim=8, queue_size=24, temperature=0.2, momentum=M,
-                shuffle_bn=shuffle_bn, mlp_hidden=32, loss_backend="torch", ema_backend="torch")
-    moco.to(DTYPE)
-    moco.prepare_ema()
+                shuffle_bn=shuffle_bn, mlp_hidden=32, loss_backend="torch", ema_backend="torch",
+                world_size=get_world_size())
+    moco.to(DTYPE)  # the flat EMA buffers follow the move
     return moco
 
 
@@ -199,7 +199,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def torchrun_train(nproc: int, overrides: list[str], cwd: Path, extra: list[str] = ()) -> list[str]:
-    return [*TORCHRUN, f"--nproc_per_node={nproc}", *extra, "-m", "fastmoco.train", *FAST, *overrides]
+    return [*TORCHRUN, f"--nproc_per_node={nproc}", *extra, "-m", "fastmoco", "train", *FAST, *overrides]
 
 
 def test_checkpoint_at_two_processes_resumes_at_one(tiny_cifar, tmp_path):
@@ -220,7 +220,7 @@ def test_checkpoint_at_two_processes_resumes_at_one(tiny_cifar, tmp_path):
     b = tmp_path / "b"
     (b / "checkpoints").mkdir(parents=True)
     shutil.copy(first, b / "checkpoints" / first.name)
-    res = subprocess.run([sys.executable, "-m", "fastmoco.train", *FAST, *common, f"run.dir={b}"],
+    res = subprocess.run([sys.executable, "-m", "fastmoco", "train", *FAST, *common, f"run.dir={b}"],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     log = res.stdout + res.stderr
@@ -236,12 +236,12 @@ def test_checkpoint_at_two_processes_resumes_at_one(tiny_cifar, tmp_path):
 
 
 def _workers(pid: int) -> list[int]:
-    """The training processes torchrun `pid` started (its children running fastmoco.train)."""
+    """The training processes torchrun `pid` started (its children running `-m fastmoco train`)."""
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         for child in (task / "children").read_text().split():
             cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-            if b"fastmoco.train" in cmdline:
+            if b"-m\0fastmoco\0train" in cmdline:
                 out.append(int(child))
     return out
 

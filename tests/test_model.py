@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmoco import MoCo
+from fastmoco.kernels import flat_layout
 from fastmoco.batchnorm import (
     SplitBatchNorm2d, convert_split_bn_, forward_in_splits, split_norms,
 )
@@ -41,8 +42,8 @@ def test_one_step_matches_algorithm_1(version, flat):
     torch.manual_seed(1)
     model = small_moco(version=version)
     if flat:  # parameters as views into one flat buffer per encoder: one lerp for the EMA
-        model.to(memory_format=torch.channels_last)
-        model.prepare_ema()
+        model.to(memory_format=torch.channels_last)  # the flat buffers follow the move
+        assert flat_layout(model.query_encoder) is not None
     n, m, t = 8, 0.9, 0.2
     # Make the key encoder differ from the query encoder so the momentum update is visible.
     with torch.no_grad():
@@ -117,7 +118,7 @@ def _conv_bn_net(bn: type, **kw) -> nn.Module:
 def test_split_bn_matches_the_cifar_demos_split_bn(channels_last):
     """Sub-batches run one at a time give the demo's reshaped BN exactly: outputs, parameter
     gradients and running statistics (its sub-batches are interleaved, ours contiguous)."""
-    from fastmoco.bench_reference import SplitBatchNorm
+    from fastmoco.bench.arm_reference import SplitBatchNorm
 
     torch.manual_seed(0)
     s, n = 4, 16
@@ -298,7 +299,7 @@ def test_split_mode_needs_plain_batchnorm():
 def test_moco_split_mode_matches_the_demo_formulation():
     """MoCo's query and key encoders in split mode: features as the demo's reshaped split BN on
     the same (interleaved) sub-batches, one running-statistics step per encoder call."""
-    from fastmoco.bench_reference import SplitBatchNorm, _split_bn_
+    from fastmoco.bench.arm_reference import SplitBatchNorm, _split_bn_
 
     torch.manual_seed(0)
     s, n = 4, 16
@@ -328,3 +329,32 @@ def test_moco_split_mode_matches_the_demo_formulation():
     assert int(first_bn.num_batches_tracked) == 2
     key_bn = next(m for m in model.key_encoder.modules() if isinstance(m, SplitBatchNorm2d))
     assert int(key_bn.num_batches_tracked) == 1
+
+
+def test_the_model_keeps_its_flat_ema_buffers_and_queue_dtype_through_moves():
+    """Any .to() re-points both encoders into flat buffers (one lerp per EMA) with the new
+    strides, and the queue follows the parameters' dtype on the CPU (the compute dtype is for
+    GPUs, where the fused loss reads it)."""
+    model = small_moco(compute_dtype=torch.bfloat16)
+    for moved in (model.to(memory_format=torch.channels_last), model.double(), model.float()):
+        assert moved is model
+        for encoder in (model.query_encoder, model.key_encoder):
+            layout = flat_layout(encoder)
+            assert layout is not None and len(layout.buffers) == 1
+            assert all(p.data_ptr() >= layout.buffers[0].data_ptr() for p in encoder.parameters())
+        assert model.queue.keys.dtype == next(model.parameters()).dtype
+    conv = next(p for p in model.query_encoder.parameters() if p.ndim == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    before = [p.clone() for p in model.key_encoder.parameters()]
+    with torch.no_grad():
+        for p in model.query_encoder.parameters():
+            p.add_(1.0)
+    model.momentum_update(0.5)  # through the flat buffers
+    for b, p, q in zip(before, model.key_encoder.parameters(), model.query_encoder.parameters()):
+        torch.testing.assert_close(p, 0.5 * b + 0.5 * q)
+
+
+def test_the_world_size_is_given_not_read():
+    """Shuffle BN's mode follows the world size the model is given, with no process group."""
+    assert small_moco(shuffle_bn="auto").shuffle_bn == "split"
+    assert small_moco(shuffle_bn="auto", world_size=4).shuffle_bn == "ddp"

@@ -40,7 +40,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def test_cli_runs_a_few_steps_and_writes_metrics_and_checkpoint(tiny_cifar, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fastmoco.cli", "train", *FAST, f"data.root={tiny_cifar}",
+    cmd = [sys.executable, "-m", "fastmoco", "train", *FAST, f"data.root={tiny_cifar}",
            "schedule.max_steps=3", f"run.dir={run_dir}", "knn.k=20"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -85,7 +85,7 @@ def test_resume_from_epoch_checkpoint_gives_the_same_losses(tiny_cifar, tmp_path
 
 def test_sigterm_checkpoints_mid_epoch_and_resume_continues(tiny_cifar, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fastmoco.cli", "train", *FAST, f"data.root={tiny_cifar}",
+    cmd = [sys.executable, "-m", "fastmoco", "train", *FAST, f"data.root={tiny_cifar}",
            "schedule.epochs=3", "knn.enabled=false", f"run.dir={run_dir}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=tmp_path)
@@ -146,11 +146,11 @@ def test_experiment_presets_compose():
 def test_time_budget_replans_on_the_pace_so_far(monkeypatch):
     """1 s steps for 100 s of budget plan ~100 steps; when steps slow to 2 s, the re-plans at
     10 % and 50 % of the plan cut the run so that it still ends within the budget."""
-    from fastmoco import train as train_mod
+    from fastmoco import budget as budget_mod
 
     clock = {"t": 0.0}
-    monkeypatch.setattr(train_mod.time, "perf_counter", lambda: clock["t"])
-    budget = train_mod._TimeBudget(100.0, start_step=0, device=torch.device("cpu"))
+    monkeypatch.setattr(budget_mod.time, "perf_counter", lambda: clock["t"])
+    budget = budget_mod.TimeBudget(100.0, start_step=0, device=torch.device("cpu"))
     total, decisions = 10_000, []
     step = 0
     while step < total:
@@ -165,7 +165,7 @@ def test_time_budget_replans_on_the_pace_so_far(monkeypatch):
     assert clock["t"] <= 100.0 * 1.03, (clock["t"], decisions)  # without re-plans: 180 s
     # A budget never adds steps beyond the schedule's own.
     clock["t"] = 0.0
-    short = train_mod._TimeBudget(100.0, start_step=0, device=torch.device("cpu"))
+    short = budget_mod.TimeBudget(100.0, start_step=0, device=torch.device("cpu"))
     for step in range(1, 14):
         clock["t"] += 1.0
         short.decide(step, 50)
@@ -176,17 +176,34 @@ def test_replan_keeps_the_lr_where_it_is():
     """A re-plan from 100 to 61 steps at step 50: the lr stays at its value, then follows the
     rest of the cosine to its end exactly at the new last step; the progress round-trips."""
     from fastmoco.momentum import lr_at
-    from fastmoco.train import Progress
+    from fastmoco.progress import Progress
 
     progress = Progress(step=50, total_steps=100)
-    before = lr_at(*progress.schedule_position(100), 1.0)
-    progress.replan(100, 61)
-    assert lr_at(*progress.schedule_position(61), 1.0) == pytest.approx(before)
+    before = lr_at(*progress.schedule_position(), 1.0)
+    progress.replan(61)
+    assert lr_at(*progress.schedule_position(), 1.0) == pytest.approx(before)
     progress.step = 61
-    position, length = progress.schedule_position(61)
+    position, length = progress.schedule_position()
     assert (position, length) == (pytest.approx(100.0), 100) and lr_at(position, length, 1.0) < 1e-9
     progress.step = 55
-    again = Progress(**__import__("dataclasses").asdict(progress))  # as a checkpoint stores it
-    assert again.schedule_position(61) == progress.schedule_position(61)
-    progress.replan(61, 70)  # a second re-plan anchors on the first
-    assert progress.schedule_position(70) == pytest.approx(again.schedule_position(61))
+    again = Progress(**progress.to_dict())  # as a checkpoint stores it
+    assert again.schedule_position() == progress.schedule_position()
+    progress.replan(70)  # a second re-plan anchors on the first
+    assert progress.schedule_position() == pytest.approx(again.schedule_position())
+
+
+@pytest.mark.slow
+def test_the_loss_falls_over_50_steps_on_a_tiny_set(tiny_cifar, tmp_path):
+    """MoCo v3 (in-batch keys: no queue to fill, whose real keys first raise a v1/v2 loss) on 200
+    CIFAR images: the mean loss of the last 10 steps is well below that of the first 10
+    (measured 3.1 → 2.6 nats)."""
+    cfg = make_config(FAST + [
+        f"data.root={tiny_cifar}", f"run.dir={tmp_path}", "method=moco_v3", "method.dim=32",
+        "method.mlp_hidden=64", "method.temperature=0.2", "optim=lars", "optim.lr=1.0",
+        "optim.base_batch=null", "schedule.batch_size=32", "schedule.lr_schedule=constant",
+        "schedule.max_steps=50", "run.precision=fp32", "knn.enabled=false"])
+    train(cfg)
+    loss = [v for _, v in sorted(losses(tmp_path).items())]
+    assert len(loss) == 50
+    first, last = sum(loss[:10]) / 10, sum(loss[-10:]) / 10
+    assert last < first - 0.2, (first, last)

@@ -1,15 +1,15 @@
-"""The benchmark's `reference` arm: MoCo as its authors wrote it (facebookresearch/moco
+"""The bench's `reference` arm: MoCo as its authors wrote it (facebookresearch/moco
 builder.py + main_moco.py, and the CIFAR demo's split BN), kept deliberately plain.
 
 fp32, NCHW, torchvision/PIL augmentation with ToTensor + Normalize in DataLoader workers, a Python
 loop for the momentum update, eager einsum + cat + cross_entropy over a cloned C×K queue, enqueue
 inside forward, torch's default SGD. Only the backbone is shared with fastmoco (timm, same config).
+The step's parts are marked with fastmoco's profiler ranges, so the bench splits it as fastmoco's.
 """
 from __future__ import annotations
 
-import contextlib
 import random
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +21,7 @@ from torchvision import transforms
 from fastmoco.backbone import create_backbone, feature_dim
 from fastmoco.config import TrainConfig
 from fastmoco.pipelines.recipes import TwoViewRecipe, ViewRecipe
-
-Phase = Callable[[str], contextlib.AbstractContextManager]
-
-
-def no_phase(name: str) -> contextlib.AbstractContextManager:
-    """The timed windows' phase marker: does nothing."""
-    return contextlib.nullcontext()
+from fastmoco.trace import phase
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
@@ -99,7 +93,7 @@ class ReferenceMoCo(nn.Module):
         self.queue[:, ptr : ptr + batch_size] = keys.T
         self.queue_ptr[0] = (ptr + batch_size) % self.K
 
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, phase: Phase = no_phase):
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor):
         with phase("forward"):
             q = F.normalize(self.encoder_q(im_q), dim=1)  # N×C
         with torch.no_grad():
@@ -201,8 +195,8 @@ class ReferenceArm:
                 yield (im_q.to(self.device, non_blocking=True),
                        im_k.to(self.device, non_blocking=True))
 
-    def step(self, im_q: torch.Tensor, im_k: torch.Tensor, phase: Phase = no_phase) -> None:
-        output, target = self.model(im_q, im_k, phase)
+    def step(self, im_q: torch.Tensor, im_k: torch.Tensor) -> None:
+        output, target = self.model(im_q, im_k)
         with phase("loss"):
             loss = self.criterion(output, target)
         with phase("backward"):

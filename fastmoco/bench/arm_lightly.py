@@ -1,4 +1,4 @@
-"""The benchmark's `lightly` peer arm: MoCo composed from lightly's pieces as its own MoCo example
+"""The bench's `lightly` peer arm: MoCo composed from lightly's pieces as its own MoCo example
 does (examples/pytorch/moco.py, with the batch shuffle of its Lightning example).
 
 NTXentLoss(memory_bank_size=(K, C)) holds and updates the queue, update_momentum is lightly's EMA,
@@ -8,13 +8,15 @@ queue, temperature, momentum and optimizer as the case. BatchNorm is the backbon
 lightly's example (fastmoco and the reference pay for split BN; lightly's SplitBatchNorm cannot
 take channels-last inputs). Variants: as shipped (fp32, NCHW) and bf16 autocast + channels-last.
 
-lightly is a benchmark-only extra: `pip install --no-deps lightly lightning-utilities`.
+lightly is a benchmark-only extra: `pip install --no-deps lightly lightning-utilities`; this
+module is imported only when a lightly arm is asked for. The step's parts are marked with
+fastmoco's profiler ranges, so the bench splits it as fastmoco's.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -23,18 +25,13 @@ from torch.utils.data import DataLoader, Dataset
 from fastmoco.backbone import create_backbone, feature_dim
 from fastmoco.config import TrainConfig
 from fastmoco.pipelines.recipes import TwoViewRecipe
+from fastmoco.trace import phase
 
 from lightly.loss import NTXentLoss
 from lightly.models.modules import MoCoProjectionHead
 from lightly.models.utils import (
     batch_shuffle, batch_unshuffle, deactivate_requires_grad, update_momentum,
 )
-
-Phase = Callable[[str], contextlib.AbstractContextManager]
-
-
-def no_phase(name: str) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext()
 
 
 class LightlyMoCo(nn.Module):
@@ -135,7 +132,7 @@ class LightlyArm:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def step(self, x_query: torch.Tensor, x_key: torch.Tensor, phase: Phase = no_phase) -> None:
+    def step(self, x_query: torch.Tensor, x_key: torch.Tensor) -> None:
         model = self.model
         with phase("ema"):
             update_momentum(model.backbone, model.backbone_momentum, m=self.momentum)

@@ -1,0 +1,217 @@
+"""`fastmoco bench`: every case × arm × mode, each arm in a fresh process; JSON and the chart
+under bench.out_dir (the run directory), a copy of the chart at bench.docs_chart when set."""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import gc
+import json
+import logging
+import multiprocessing
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from fastmoco.bench.arms import build_arm, synthetic_batches
+from fastmoco.bench.config import ArmDef, BenchConfig, CaseDef, split_config
+from fastmoco.bench.measure import ArmCeilings, PeakMemory, ceilings, measure, no_step, step_flops
+from fastmoco.bench.report import add_ratios, check_targets, format_table, plot, setting
+from fastmoco.build import planned_steps
+from fastmoco.config import TrainConfig, apply_overrides
+from fastmoco.data import split_files
+from fastmoco.device import cpu_bf16_speedup, cpu_kind, cpu_prefers_bf16, resolve_device
+
+log = logging.getLogger("fastmoco.bench")
+KERNELS_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+DATA_KEYS = ("img_s", "img_s_min", "img_s_max", "windows", "warmup_s", "phases_ms")
+
+
+def run_arm(name: str, adef: ArmDef, base: TrainConfig, modes: list[str], device: torch.device,
+            files, total_steps: int, bench: BenchConfig, data_cache: dict) -> list[dict]:
+    """Every requested mode of one arm; one model build (and compile) serves them all."""
+    cfg = apply_overrides(base, adef.overrides)
+    arm_ceilings = ArmCeilings(device, bench.ceilings)
+    arm_ceilings.sample()  # before the arm: the machine as this arm finds it
+    memory = PeakMemory(device)
+    memory.reset()
+    arm = build_arm(name, adef.kind, cfg, device, files, total_steps)
+    own = adef.kind == "fastmoco"
+    rows = []
+    for mode in modes:
+        row = {"arm": name, "mode": mode, "dtype": str(arm.dtype).removeprefix("torch."),
+               "channels_last": arm.channels_last, "compile": arm.compile,
+               "pipeline": arm.pipeline if mode != "model" else "synthetic",
+               "loss_backend": cfg.run.loss_backend if own else adef.kind,
+               "ema_backend": cfg.run.ema_backend if own else adef.kind, "note": adef.note}
+        key = (arm.pipeline, row["dtype"], arm.channels_last, adef.kind)
+        if mode == "data" and key in data_cache:
+            row.update(data_cache[key], shared_with=data_cache[key]["arm"])
+            rows.append(row)
+            continue
+        batches = synthetic_batches(arm, cfg, device) if mode == "model" else arm.batches()
+        log.info("bench %s / %s ...", name, mode)
+        row.update(measure(no_step if mode == "data" else arm.step, batches, device,
+                           cfg.schedule.batch_size, bench, mode != "model"))
+        batches.close()
+        arm_ceilings.sample()  # after each mode's windows
+        row["peak_mem_mb"] = memory.peak_mb()
+        if mode == "data":
+            data_cache[key] = {k: row[k] for k in DATA_KEYS} | {"arm": name}
+        log.info("bench %s / %s: %.1f images/s", name, mode, row["img_s"])
+        rows.append(row)
+    for row in rows:
+        row.setdefault("peak_mem_mb", memory.peak_mb())
+        row["peak_mem_kind"] = memory.kind
+        if arm_ceilings.best:
+            row["arm_ceilings"] = arm_ceilings.report()
+    del arm
+    gc.collect()
+    return rows
+
+
+def _run_arm_in_child(*args) -> tuple[list[dict], dict]:
+    # A spawned child inherits "spawn" as its start method; its DataLoader workers should start the
+    # way they would in a normal run (the platform's default, listed first).
+    multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    data_cache = args[-1]
+    return run_arm(*args), data_cache
+
+
+def run_isolated(*args) -> tuple[list[dict], dict]:
+    """run_arm in a fresh (spawned) process; returns its rows and the data-mode cache it filled."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(_run_arm_in_child, *args).result()
+
+
+def _skipped(name: str, modes: list[str], why: str) -> list[dict]:
+    return [{"arm": name, "mode": m, "skipped": why} for m in modes]
+
+
+def run_case(cname: str, cfg: TrainConfig, cdef: CaseDef, bench: BenchConfig,
+             device: torch.device, ceil: dict[str, float],
+             on_arm: Callable[[dict], None] = lambda case: None) -> dict[str, Any]:
+    modes = list(cdef.modes or bench.modes)
+    files = None
+    if cfg.data.name == "synthetic":
+        modes = [m for m in modes if m == "model"]
+        n_images = cfg.data.synthetic_images
+    else:
+        listed = split_files(cfg.data, cfg.data.train_split, cfg.data.max_images, cfg.run.seed).files
+        files = listed if set(modes) & {"data", "full"} else None
+        n_images = len(listed)
+    case: dict[str, Any] = {
+        "backbone": cfg.backbone.name + (" (CIFAR stem)" if cfg.backbone.cifar_stem else ""),
+        "image_size": cfg.data.image_size, "batch": cfg.schedule.batch_size,
+        "queue_size": cfg.method.queue_size, "version": cfg.method.version,
+        "data": cfg.data.name, "recipe": cfg.data.recipe, "images": n_images,
+        "overrides": list(cdef.overrides), "rows": []}
+    if bench.ceilings.enabled and bench.ceilings.flops:
+        case["flops_per_step"] = step_flops(cfg, device)
+    case["param_bytes"] = _param_bytes(cfg)
+    # the training run this config describes: compile=auto decides on it, as train() does
+    total = planned_steps(cfg, max(1, n_images // cfg.schedule.batch_size))
+    data_cache: dict = {}
+    for name in cdef.arms or bench.arms:
+        adef = bench.arm_defs.get(name) or ArmDef(kind=name)
+        arm_modes = [m for m in modes if adef.modes is None or m in adef.modes]
+        if not arm_modes:
+            continue
+        if adef.needs_bf16 and device.type == "cpu" and not cpu_prefers_bf16():
+            why = (f"bf16 is not this CPU's fast path ({cpu_kind()}, bf16 measured "
+                   f"{cpu_bf16_speedup():.2f}x fp32; 0 = emulated): fastmoco runs fp32 here, and "
+                   f"the arm would time a slow bf16")
+            log.info("arm %s skipped: %s", name, why)
+            case["rows"] += _skipped(name, arm_modes, why)
+            continue
+        try:
+            args = (name, adef, cfg, arm_modes, device, files, total, bench, data_cache)
+            rows, fresh = run_isolated(*args) if bench.isolate else (run_arm(*args), data_cache)
+            case["rows"] += rows
+            data_cache.update(fresh)
+        except ImportError as e:
+            log.warning("arm %s skipped: %s", name, e)
+            case["rows"] += _skipped(name, arm_modes, str(e))
+        except concurrent.futures.process.BrokenProcessPool as e:  # killed (out of memory, say)
+            log.error("arm %s: its process died (%s); the other arms go on", name, e)
+            case["rows"] += _skipped(name, arm_modes, f"process died: {e}")
+        add_ratios(case, ceil)
+        on_arm(case)
+    return case
+
+
+def _param_bytes(cfg: TrainConfig) -> int:
+    from fastmoco.backbone import create_backbone
+
+    net = create_backbone(cfg.backbone.name, cifar_stem=cfg.backbone.cifar_stem, **dict(cfg.backbone.kwargs))
+    return 4 * sum(p.numel() for p in net.parameters())  # fp32 master weights (heads ignored)
+
+
+def micro_kernels() -> dict[str, Any]:
+    """Loss-alone and EMA-alone cases: benchmarks/kernels.py --quick, where the source checkout
+    has it beside the package (an installed package has no benchmarks/: recorded as skipped)."""
+    if not KERNELS_SCRIPT.is_file():
+        return {"skipped": f"{KERNELS_SCRIPT} not found: micro_kernels needs a fastmoco checkout"}
+    res = subprocess.run([sys.executable, str(KERNELS_SCRIPT), "--quick"], capture_output=True,
+                         text=True)
+    print(res.stdout)
+    return {"returncode": res.returncode, "json": str(KERNELS_SCRIPT.parent / "out" / "kernels.json"),
+            "stdout_tail": res.stdout[-4000:], "stderr_tail": res.stderr[-2000:]}
+
+
+def run_bench(base: TrainConfig, bench: BenchConfig) -> dict[str, Any]:
+    """Every case × arm × mode; writes JSON + PNG under bench.out_dir; returns the result."""
+    device = resolve_device(base.run.device)
+    ceil = ceilings(device, bench.ceilings)
+    result: dict[str, Any] = {"setting": setting(device), "ceilings": ceil,
+                              "bench": dataclasses.asdict(bench), "cases": {},
+                              "memory_kind": PeakMemory(device).kind}
+    out = Path(bench.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+
+    def save() -> None:  # after every arm, so a long run that is stopped keeps what it measured
+        native = True if device.type == "cuda" else cpu_prefers_bf16()
+        result["targets"] = check_targets(result["cases"], bench.targets, native)
+        for name in (f"bench_{stamp}.json", "bench_latest.json"):
+            (out / name).write_text(json.dumps(result, indent=1, default=str))
+
+    for cname in bench.cases:
+        cdef = bench.case_defs.get(cname) or CaseDef()
+        cfg = apply_overrides(base, cdef.overrides)
+        log.info("case %s: %s", cname, " ".join(cdef.overrides) or "as composed")
+
+        def partial(case: dict, cname: str = cname) -> None:
+            result["cases"][cname] = case
+            save()
+
+        result["cases"][cname] = run_case(cname, cfg, cdef, bench, device, ceil, partial)
+        save()
+    if bench.micro_kernels:
+        result["micro_kernels"] = micro_kernels()
+    chart = out / f"bench_{stamp}.png"
+    result["chart"] = str(chart)
+    save()
+    plot(result, chart)
+    if bench.docs_chart and chart.exists():
+        Path(bench.docs_chart).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(chart, bench.docs_chart)
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def bench_main(cfg: DictConfig) -> None:
+    base, bench = split_config(cfg)
+    logging.getLogger().setLevel(logging.INFO)
+    result = run_bench(base, bench)
+    print(format_table(result))
+    print(f"\nJSON: {Path(bench.out_dir) / 'bench_latest.json'}   chart: {result['chart']}"
+          + (f" (copied to {bench.docs_chart})" if bench.docs_chart else ""))

@@ -1,0 +1,76 @@
+"""The run's state in a checkpoint: what it holds, saving it from every process, restoring it."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from fastmoco import checkpoint as ckpt
+from fastmoco.build import Trainer
+from fastmoco.config import TrainConfig
+from fastmoco.distributed import get_world_size, is_distributed
+from fastmoco.progress import Progress
+
+log = logging.getLogger("fastmoco")
+
+
+def read_latest(cfg: TrainConfig) -> tuple[Optional[Path], Optional[dict[str, Any]]]:
+    """The run directory's newest checkpoint and its contents (read once), if resuming."""
+    path = ckpt.latest_checkpoint(Path(cfg.run.dir)) if cfg.run.resume else None
+    return path, (ckpt.load_checkpoint(path) if path is not None else None)
+
+
+def _gather_rng() -> list[dict[str, Any]]:
+    state = ckpt.rng_state()
+    if not is_distributed():
+        return [state]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, state)
+    return out
+
+
+def save(trainer: Trainer, progress: Progress, cfg: TrainConfig,
+         size_index: Optional[int]) -> None:
+    """Checkpoint everything the next step needs; every process calls it (RNG states are gathered)."""
+    state = {
+        **trainer.state_dict(),
+        "progress": progress.to_dict(),
+        "rng": _gather_rng(),
+        "world_size": trainer.runtime.world_size,
+        "global_batch": cfg.schedule.batch_size,
+        "size_index": size_index,
+        "config": dataclasses.asdict(cfg),
+    }
+    if trainer.runtime.rank == 0:
+        path = ckpt.save_checkpoint(cfg.run.dir, progress.step, state, keep=cfg.run.keep_checkpoints)
+        log.info("checkpoint %s", path)
+    if is_distributed():
+        dist.barrier()
+
+
+def restore(path: Path, state: dict[str, Any], trainer: Trainer, cfg: TrainConfig) -> None:
+    """Load `state` (read from `path`) into the trainer and this process's RNGs."""
+    if state["global_batch"] != cfg.schedule.batch_size:
+        raise ValueError(
+            f"{path} was trained with global batch {state['global_batch']} but "
+            f"schedule.batch_size={cfg.schedule.batch_size}: keep the global batch to resume "
+            f"(the per-process batch follows from it), or start a new run.dir")
+    trainer.load_state_dict(state)
+    rank, world = trainer.runtime.rank, trainer.runtime.world_size
+    rngs = state["rng"]
+    if len(rngs) == world:
+        ckpt.set_rng_state(rngs[rank])
+    else:  # a different number of processes: derive fresh per-rank streams from the step
+        log.warning("checkpoint from %d process(es) resumed on %d: RNG streams re-seeded",
+                    len(rngs), world)
+        seed = cfg.run.seed + 1000003 * state["progress"]["step"] + rank
+        torch.manual_seed(seed)
+        random.seed(seed)
+    p = state["progress"]
+    log.info("resumed from %s at step %d (epoch %d, batch %d)", path, p["step"], p["epoch"],
+             p["batch_in_epoch"])
