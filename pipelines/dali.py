@@ -1,5 +1,5 @@
 """DALI loaders: one base runs a pipeline into torch; readers (image files, WebDataset shards) and
-outputs (two views, eval crops) are the subclasses."""
+outputs (two views, labelled linear-probe views, eval crops) are the subclasses."""
 from __future__ import annotations
 
 import logging
@@ -12,9 +12,9 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from .dali_graph import FileReader, Reader, ShardReader, eval_pipeline, two_view_pipeline
+from .dali_graph import FileReader, Reader, ShardReader, eval_pipeline, labelled_pipeline, two_view_pipeline
 from .folder import ImageList, decode_check, epoch_steps, shard_indices
-from .recipes import TwoViewRecipe
+from .recipes import LinearRecipe, TwoViewRecipe
 from .seeds import dali_seed
 from .webdataset import ShardList, drop_samples, find_undecodable
 
@@ -27,16 +27,6 @@ def dali_device(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def ascii_ints(x: torch.Tensor) -> torch.Tensor:
-    """N×B uint8 ASCII (digits, padding spaces/newlines) -> N int64."""
-    d = x.long() - ord("0")
-    value = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    for j in range(x.shape[1]):
-        digit = (d[:, j] >= 0) & (d[:, j] <= 9)
-        value = torch.where(digit, value * 10 + d[:, j], value)
-    return value
 
 
 class DaliLoader:
@@ -62,13 +52,14 @@ class DaliLoader:
 
 
 class DaliTrainBase(DaliLoader):
-    """TwoViewLoader skeleton: `steps` full batches per epoch from a pipeline seeded by (seed, epoch,
-    rank, step); a file DALI cannot decode is handed to the reader's _recover, then the pipeline is
-    rebuilt at the same step."""
+    """Training loader skeleton: `steps` full batches per epoch from a pipeline seeded by (seed,
+    epoch, rank, step); a file DALI cannot decode is handed to the reader's _recover, then the
+    pipeline is rebuilt at the same step. Two views by default; DaliLabelled changes the outputs."""
 
     outputs, last_batch = ("q", "k"), LastBatchPolicy.DROP
+    labelled = False  # whether the readers carry labels
 
-    def __init__(self, recipe: TwoViewRecipe, batch_size: int, steps: int, *, device: torch.device,
+    def __init__(self, recipe: TwoViewRecipe | LinearRecipe, batch_size: int, steps: int, *, device: torch.device,
                  dtype: torch.dtype, channels_last: bool, num_workers: int, rank: int, world_size: int,
                  seed: int) -> None:
         super().__init__(batch_size, device=device, dtype=dtype, channels_last=channels_last, num_workers=num_workers)
@@ -92,16 +83,21 @@ class DaliTrainBase(DaliLoader):
         """Find and take out what DALI failed to decode, or raise."""
         raise NotImplementedError
 
+    def _pipeline(self, reader: Reader, seed: int) -> Pipeline:
+        return two_view_pipeline(reader, self.recipe, self.batch_size, device_id=self.device_id,
+                                 num_threads=self.num_threads, seed=seed, dtype=self.dtype)
+
+    def _batch(self, out: dict, reader: Reader) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._to_torch(out["q"]), self._to_torch(out["k"])
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._start_epoch()
-        step, it = 0, None
+        step, it, reader = 0, None, None
         while step < self.steps:
             try:
                 if it is None:  # the iterator's constructor already runs the first batch
-                    seed = dali_seed(self.seed, self.epoch, self.rank, step)
-                    it = self._iterator(two_view_pipeline(self._reader(step), self.recipe, self.batch_size,
-                                                          device_id=self.device_id, num_threads=self.num_threads,
-                                                          seed=seed, dtype=self.dtype))
+                    reader = self._reader(step)
+                    it = self._iterator(self._pipeline(reader, dali_seed(self.seed, self.epoch, self.rank, step)))
                 out = next(it)[0]
             except StopIteration:
                 break
@@ -110,7 +106,22 @@ class DaliTrainBase(DaliLoader):
                 self._recover(step, e)
                 continue
             step += 1
-            yield self._to_torch(out["q"]), self._to_torch(out["k"])
+            yield self._batch(out, reader)
+
+
+class DaliLabelled:
+    """Mixin for a DaliTrainBase reader subclass: (x, labels) batches of the linear probe's
+    training view (LabelledLoader), the labels read with the images."""
+
+    outputs = ("x", "y")
+    labelled = True
+
+    def _pipeline(self, reader: Reader, seed: int) -> Pipeline:
+        return labelled_pipeline(reader, self.recipe, self.batch_size, device_id=self.device_id,
+                                 num_threads=self.num_threads, seed=seed, dtype=self.dtype)
+
+    def _batch(self, out: dict, reader: Reader) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._to_torch(out["x"]), reader.to_labels(out["y"]).to(self.device, non_blocking=True)
 
 
 class DaliTwoViewLoader(DaliTrainBase):
@@ -125,6 +136,8 @@ class DaliTwoViewLoader(DaliTrainBase):
                          world_size=world_size, seed=seed)
         self.images, self.paths = files, []
         self.bad: set[str] = set()  # files that failed to decode in DALI; replaced in later epochs
+        # a substitute brings its own label: labels follow the paths actually read
+        self.label_of = dict(zip(files.files, files.labels)) if self.labelled else None
 
     def epoch_files(self) -> list[str]:
         """This rank's files for the current epoch, in reading order."""
@@ -150,7 +163,8 @@ class DaliTwoViewLoader(DaliTrainBase):
         self.paths = self.epoch_files()
 
     def _reader(self, step: int) -> Reader:
-        return FileReader(self.paths[step * self.batch_size :])
+        paths = self.paths[step * self.batch_size :]
+        return FileReader(paths, [self.label_of[p] for p in paths] if self.labelled else None)
 
     def _recover(self, step: int, error: Exception) -> None:
         done, rest = self.paths[: step * self.batch_size], self.paths[step * self.batch_size :]
@@ -174,6 +188,8 @@ class DaliShardTwoViewLoader(DaliTrainBase):
                  seed: int, shuffle_buffer: int = SHUFFLE_BUFFER) -> None:
         # every rank's slice holds >= len // world_size samples
         steps = epoch_steps(len(files), batch_size, rank, world_size, unit="shards")
+        if self.labelled and files.labels is None:
+            raise ValueError(f"the shards under {files.root!r} have no .cls labels; a labelled loader needs them")
         super().__init__(recipe, batch_size, steps, device=device, dtype=dtype, channels_last=channels_last,
                          num_workers=num_workers, rank=rank, world_size=world_size, seed=seed)
         self.shards, self.buffer = files, shuffle_buffer
@@ -184,8 +200,8 @@ class DaliShardTwoViewLoader(DaliTrainBase):
         return [self.shards.tars[i] for i in order], [self.shards.indexes[i] for i in order]
 
     def _reader(self, step: int) -> Reader:
-        return ShardReader(*self.epoch_shards(), labeled=False, shard_id=self.rank, num_shards=self.world_size,
-                           shuffle_buffer=self.buffer)
+        return ShardReader(*self.epoch_shards(), labeled=self.labelled, shard_id=self.rank,
+                           num_shards=self.world_size, shuffle_buffer=self.buffer)
 
     def _recover(self, step: int, error: Exception) -> None:
         bad = find_undecodable(self.shards)
@@ -200,54 +216,59 @@ class DaliShardTwoViewLoader(DaliTrainBase):
                     "restarted the epoch's reader (the rest of this epoch may repeat samples)", n, first)
 
 
+class DaliLabelledLoader(DaliLabelled, DaliTwoViewLoader):
+    """LabelledLoader over image files: DaliTwoViewLoader's epoch order, rank shards and bad-file
+    replacement (a substitute file brings its own label)."""
+
+
+class DaliShardLabelledLoader(DaliLabelled, DaliShardTwoViewLoader):
+    """LabelledLoader over WebDataset shards with .cls labels: DaliShardTwoViewLoader's sharding,
+    buffer shuffle and bad-sample handling."""
+
+
 class DaliEvalBase(DaliLoader):
     """(x, labels) batches of center crops over `count` samples, the last batch partial."""
 
     outputs, last_batch = ("x", "y"), LastBatchPolicy.PARTIAL
 
     def __init__(self, reader: Reader, count: int, size: int, mean, std, batch_size: int, *,
-                 device: torch.device, dtype: torch.dtype, channels_last: bool, num_workers: int) -> None:
+                 device: torch.device, dtype: torch.dtype, channels_last: bool, num_workers: int,
+                 resize: int | None = None) -> None:
         super().__init__(batch_size, device=device, dtype=dtype, channels_last=channels_last, num_workers=num_workers)
         self.reader, self.count, self.size, self.mean, self.std = reader, count, size, mean, std
+        self.resize = resize
 
     def __len__(self) -> int:
         return -(-self.count // self.batch_size)
 
-    def _labels(self, y: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         pipe = eval_pipeline(self.reader, self.size, self.mean, self.std, self.batch_size, device_id=self.device_id,
-                             num_threads=self.num_threads, dtype=self.dtype)
+                             num_threads=self.num_threads, dtype=self.dtype, resize=self.resize)
         for out in self._iterator(pipe):
-            yield self._to_torch(out[0]["x"]), self._labels(out[0]["y"]).to(self.device)
+            yield self._to_torch(out[0]["x"]), self.reader.to_labels(out[0]["y"]).to(self.device)
 
 
 class DaliEvalLoader(DaliEvalBase):
     """(x, labels) over rank's strided shard of the split: resize shorter side, center crop."""
 
     def __init__(self, files: ImageList, size: int, mean, std, batch_size: int, *, device: torch.device,
-                 dtype: torch.dtype, channels_last: bool, num_workers: int, rank: int, world_size: int) -> None:
+                 dtype: torch.dtype, channels_last: bool, num_workers: int, rank: int, world_size: int,
+                 resize: int | None = None) -> None:
         shard = range(rank, len(files), world_size)
         reader = FileReader([files.files[i] for i in shard], [files.labels[i] for i in shard])
         super().__init__(reader, len(shard), size, mean, std, batch_size, device=device, dtype=dtype,
-                         channels_last=channels_last, num_workers=num_workers)
-
-    def _labels(self, y: torch.Tensor) -> torch.Tensor:
-        return y.view(-1).long()
+                         channels_last=channels_last, num_workers=num_workers, resize=resize)
 
 
 class DaliShardEvalLoader(DaliEvalBase):
     """(x, labels) over rank's contiguous slice of the shards, in index order; labels from .cls (else 0)."""
 
     def __init__(self, files: ShardList, size: int, mean, std, batch_size: int, *, device: torch.device,
-                 dtype: torch.dtype, channels_last: bool, num_workers: int, rank: int, world_size: int) -> None:
+                 dtype: torch.dtype, channels_last: bool, num_workers: int, rank: int, world_size: int,
+                 resize: int | None = None) -> None:
         n = len(files)
         count = n * (rank + 1) // world_size - n * rank // world_size  # DALI's slice of shard_id
         reader = ShardReader(files.tars, files.indexes, labeled=files.labels is not None, shard_id=rank,
                              num_shards=world_size)
         super().__init__(reader, count, size, mean, std, batch_size, device=device, dtype=dtype,
-                         channels_last=channels_last, num_workers=num_workers)
-
-    def _labels(self, y: torch.Tensor) -> torch.Tensor:
-        return ascii_ints(y)
+                         channels_last=channels_last, num_workers=num_workers, resize=resize)

@@ -1,5 +1,6 @@
-"""DALI graphs: the readers, the two-view and the eval pipeline; one function builds the CPU graph
-(device_id=None) and the GPU graph (mixed decode), for the loaders and for graph_check alike."""
+"""DALI graphs: the readers, the two-view, the labelled (linear-probe training) and the eval
+pipeline; one function builds the CPU graph (device_id=None) and the GPU graph (mixed decode), for
+the loaders and for graph_check alike."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,11 +9,12 @@ from typing import Sequence
 import torch
 
 import nvidia.dali.fn as fn
+import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 from nvidia.dali.pipeline import Pipeline
 
-from .recipes import SOLARIZE_THRESHOLD, TwoViewRecipe, ViewRecipe
+from .recipes import SOLARIZE_THRESHOLD, LinearRecipe, TwoViewRecipe, ViewRecipe, eval_resize
 from .webdataset import IMAGE_EXTS
 
 HUE_DEGREES = 360.0  # torchvision hue factor x is x of a full turn; DALI's hue is in degrees
@@ -87,16 +89,70 @@ def augment_view(images, view: ViewRecipe, dtype: types.DALIDataType):
     elif view.solarize_p > 0:
         if fn.random.coin_flip(probability=view.solarize_p, dtype=types.BOOL):
             images = solarize(images)
-    mirror = fn.random.coin_flip(probability=view.flip_p) if view.flip_p > 0 else 0
+    return flip_normalize(images, view.flip_p, view.mean, view.std, dtype)
+
+
+def flip_normalize(images, flip_p: float, mean, std, dtype: types.DALIDataType):
+    """Horizontal flip with probability flip_p, then (x/255 - mean) / std as HWC `dtype`."""
+    mirror = fn.random.coin_flip(probability=flip_p) if flip_p > 0 else 0
     return fn.crop_mirror_normalize(images, dtype=dtype, output_layout="HWC", mirror=mirror,
-                                    mean=[255 * m for m in view.mean], std=[255 * s for s in view.std])
-
-
-def center_crop(images, size: int, mean, std, dtype: types.DALIDataType):
-    """Resize the shorter side to `size`, center-crop `size` and normalise to HWC `dtype` (eval)."""
-    images = fn.resize(images, resize_shorter=size, antialias=True)
-    return fn.crop_mirror_normalize(images, crop=[size, size], dtype=dtype, output_layout="HWC",
                                     mean=[255 * m for m in mean], std=[255 * s for s in std])
+
+
+def pad_crop(encoded, images, size: int, padding: int):
+    """torchvision's RandomCrop(size, padding) with zero fill, as one slice: the window's top-left
+    corner in the padded image is uniform over its integer positions, 0..H+2p-size (and W), and
+    the pixels outside the image come out 0. The image shape is read from the encoded bytes on the
+    CPU (the slice's window is a CPU argument input, the pixels stay on the decoder's device)."""
+    hw = fn.peek_image_shape(encoded)[0:2]  # H, W (EXIF orientation applied, as the decoder)
+    room = dmath.max(hw + (2 * padding - size), 0)  # a smaller image is padded at the bottom/right too
+    k = dmath.min(dmath.floor(fn.random.uniform(range=[0.0, 1.0], shape=[2]) * (room + 1)), room)
+    return fn.slice(images, start=fn.cast(k - padding, dtype=types.INT32), shape=[size, size], axis_names="HW",
+                    out_of_bounds_policy="pad", fill_values=0)
+
+
+def linear_view(encoded, images, recipe: LinearRecipe, dtype: types.DALIDataType):
+    """The linear probe's training view: the two-view crop + flip ("rrc") or pad_crop + flip."""
+    if recipe.kind == "rrc":
+        return augment_view(images, recipe.view(), dtype)
+    images = pad_crop(encoded, images, recipe.size, recipe.padding)
+    return flip_normalize(images, recipe.flip_p, recipe.mean, recipe.std, dtype)
+
+
+def _half_to_even(n):
+    """Python's round(n / 2) for an integer DataNode n >= 0 (ties to even), as torchvision's CenterCrop."""
+    k = n // 2
+    return k + (n - 2 * k) * (k - 2 * (k // 2))
+
+
+def center_crop(encoded, images, size: int, mean, std, dtype: types.DALIDataType, resize: int | None = None):
+    """torchvision's Resize(eval_resize(size, resize)) + CenterCrop(size), normalised to HWC `dtype`
+    (eval): 256 then 224 at 224; below 128 px the resize is to `size` itself, an identity on 32-px
+    CIFAR. The output size (shorter side s, longer int(s * long / short)) and the crop's corner
+    (round((n - size) / 2), ties to even) are torchvision's integers, computed on the CPU from the
+    encoded image's shape, so both backends cut the same window."""
+    short = eval_resize(size, resize)
+    shape = fn.peek_image_shape(encoded)  # H, W, C (EXIF orientation applied, as the decoder)
+    h, w = shape[0], shape[1]
+    tall = h >= w  # torchvision: the width is the short side when w <= h
+    new_h = tall * (short * h // w) + (1 - tall) * short
+    new_w = tall * short + (1 - tall) * (short * w // h)
+    images = fn.resize(images, resize_y=fn.cast(new_h, dtype=types.FLOAT), resize_x=fn.cast(new_w, dtype=types.FLOAT),
+                       antialias=True)
+    start = fn.stack(_half_to_even(new_h - size), _half_to_even(new_w - size))
+    images = fn.slice(images, start=fn.cast(start, dtype=types.INT32), shape=[size, size], axis_names="HW")
+    return fn.crop_mirror_normalize(images, dtype=dtype, output_layout="HWC",
+                                    mean=[255 * m for m in mean], std=[255 * s for s in std])
+
+
+def ascii_ints(x: torch.Tensor) -> torch.Tensor:
+    """N×B uint8 ASCII (digits, padding spaces/newlines) -> N int64."""
+    d = x.long() - ord("0")
+    value = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    for j in range(x.shape[1]):
+        digit = (d[:, j] >= 0) & (d[:, j] <= 9)
+        value = torch.where(digit, value * 10 + d[:, j], value)
+    return value
 
 
 class Reader:
@@ -106,6 +162,10 @@ class Reader:
         raise NotImplementedError
 
     def label(self, outputs: list):
+        raise NotImplementedError
+
+    def to_labels(self, y: torch.Tensor) -> torch.Tensor:
+        """The label output of a batch, as torch hands it over, -> N int64."""
         raise NotImplementedError
 
 
@@ -122,6 +182,9 @@ class FileReader(Reader):
 
     def label(self, outputs: list):
         return outputs[1]
+
+    def to_labels(self, y: torch.Tensor) -> torch.Tensor:
+        return y.view(-1).long()
 
 
 @dataclass
@@ -150,6 +213,9 @@ class ShardReader(Reader):
             return fn.pad(outputs[1], shape=[CLS_BYTES], fill_value=32)
         return fn.constant(idata=[32] * CLS_BYTES, dtype=types.UINT8)
 
+    def to_labels(self, y: torch.Tensor) -> torch.Tensor:
+        return ascii_ints(y)
+
 
 @pipeline_def(enable_conditionals=True)
 def _two_view(read: Reader, recipe: TwoViewRecipe, gpu: bool, dtype: types.DALIDataType):
@@ -172,13 +238,31 @@ def two_view_pipeline(files: Sequence[str] | Reader, recipe: TwoViewRecipe, batc
 
 
 @pipeline_def
-def _eval(read: Reader, size: int, mean, std, gpu: bool, dtype: types.DALIDataType):
+def _labelled(read: Reader, recipe: LinearRecipe, gpu: bool, dtype: types.DALIDataType):
     out = read()
-    return center_crop(decode(out[0], gpu), size, mean, std, dtype), read.label(out)
+    return linear_view(out[0], decode(out[0], gpu), recipe, dtype), read.label(out)
+
+
+def labelled_pipeline(read: Reader, recipe: LinearRecipe, batch_size: int, *, device_id: int | None,
+                      num_threads: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32,
+                      gpu: bool | None = None) -> Pipeline:
+    """(linear-probe training views, labels) of what `read` reads (a Reader with labels); placed
+    as two_view_pipeline (labels stay on the CPU)."""
+    gpu = device_id is not None if gpu is None else gpu
+    return _labelled(read, recipe, gpu, output_dtype(dtype), batch_size=batch_size, num_threads=num_threads,
+                     device_id=device_id, seed=seed % 2**31, prefetch_queue_depth=2, exec_dynamic=True)
+
+
+@pipeline_def
+def _eval(read: Reader, size: int, mean, std, gpu: bool, dtype: types.DALIDataType, resize: int | None):
+    out = read()
+    return center_crop(out[0], decode(out[0], gpu), size, mean, std, dtype, resize), read.label(out)
 
 
 def eval_pipeline(read: Reader, size: int, mean, std, batch_size: int, *, device_id: int | None,
-                  num_threads: int = 2, dtype: torch.dtype = torch.float32) -> Pipeline:
+                  num_threads: int = 2, dtype: torch.dtype = torch.float32, resize: int | None = None,
+                  gpu: bool | None = None) -> Pipeline:
     """(center crops, labels) of what `read` reads, in order; placed as two_view_pipeline."""
-    return _eval(read, size, mean, std, device_id is not None, output_dtype(dtype), batch_size=batch_size,
+    gpu = device_id is not None if gpu is None else gpu
+    return _eval(read, size, mean, std, gpu, output_dtype(dtype), resize, batch_size=batch_size,
                  num_threads=num_threads, device_id=device_id, seed=0, exec_dynamic=True)

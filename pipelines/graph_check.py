@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .recipes import TwoViewRecipe
+from .recipes import LinearRecipe, TwoViewRecipe
 
 # dali.proto field numbers
 PIPE_OP, PIPE_OUTPUTS = 5, 7
@@ -102,11 +102,14 @@ def parse_pipeline(serialized: bytes) -> tuple[list[Op], list[Port]]:
     return ops, [_port(p) for p in f.get(PIPE_OUTPUTS, [])]
 
 
-def check_gpu_graph(serialized: bytes, dtype: torch.dtype = torch.float32, n_outputs: int = 2) -> list[str]:
-    """Problems with a two-view GPU graph (empty when fine): decoder on "mixed", every operator
-    fed (transitively, through data inputs) by decoded images on "gpu", outputs from
-    crop_mirror_normalize on the GPU in HWC and the DALI type for `dtype`. Readers and the
-    random / arithmetic operators that compute per-sample parameters may stay on the CPU."""
+def check_gpu_graph(serialized: bytes, dtype: torch.dtype = torch.float32, n_outputs: int = 2,
+                    n_labels: int = 0) -> list[str]:
+    """Problems with a GPU graph (empty when fine): decoder on "mixed", every operator fed
+    (transitively, through data inputs) by decoded images on "gpu", the first n_outputs - n_labels
+    outputs from crop_mirror_normalize on the GPU in HWC and the DALI type for `dtype`; the last
+    n_labels outputs (labels: two-view graphs have none, the labelled and eval graphs one) carry
+    no image data and may stay on the CPU. Readers and the random / arithmetic operators that
+    compute per-sample parameters (and peek_image_shape on the encoded bytes) may stay on the CPU."""
     from .dali_graph import output_dtype
 
     ops, outputs = parse_pipeline(serialized)
@@ -135,8 +138,12 @@ def check_gpu_graph(serialized: bytes, dtype: torch.dtype = torch.float32, n_out
             problems.append(f"{op.kind} ({op.name}) takes decoded images as an argument input")
     if len(outputs) != n_outputs:
         problems.append(f"expected {n_outputs} pipeline outputs, found {len(outputs)}")
+    n_images = n_outputs - n_labels
+    for port in outputs[n_images:]:
+        if port.name in image_data:
+            problems.append(f"label output {port.name} carries decoded image data")
     want = int(output_dtype(dtype))
-    for port in outputs:
+    for port in outputs[:n_images]:
         op = producer.get(port.name)
         if port.device != "gpu":
             problems.append(f"output {port.name} is on {port.device!r}, not 'gpu'")
@@ -156,4 +163,26 @@ def serialize_two_view_gpu_graph(recipe: TwoViewRecipe, dtype: torch.dtype = tor
     from .dali_graph import two_view_pipeline
 
     pipe = two_view_pipeline(["placeholder.jpg"], recipe, batch_size, device_id=None, gpu=True, dtype=dtype)
+    return pipe.serialize()
+
+
+def serialize_labelled_gpu_graph(recipe: LinearRecipe, dtype: torch.dtype = torch.float32,
+                                 batch_size: int = 8) -> bytes:
+    """The GPU graph of the labelled (linear-probe training) loader, serialized without CUDA;
+    check it with n_outputs=2, n_labels=1."""
+    from .dali_graph import FileReader, labelled_pipeline
+
+    pipe = labelled_pipeline(FileReader(["placeholder.jpg"], [0]), recipe, batch_size, device_id=None, gpu=True,
+                             dtype=dtype)
+    return pipe.serialize()
+
+
+def serialize_eval_gpu_graph(size: int, dtype: torch.dtype = torch.float32, batch_size: int = 8,
+                             resize: int | None = None) -> bytes:
+    """The GPU graph of the eval loader (resize, center crop), serialized without CUDA; check it
+    with n_outputs=2, n_labels=1."""
+    from .dali_graph import FileReader, eval_pipeline
+
+    pipe = eval_pipeline(FileReader(["placeholder.jpg"], [0]), size, (0.5,) * 3, (0.25,) * 3, batch_size,
+                         device_id=None, gpu=True, dtype=dtype, resize=resize)
     return pipe.serialize()

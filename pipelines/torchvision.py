@@ -1,4 +1,5 @@
-"""Torchvision fallback loader: PIL decode + v2 transforms in workers, normalisation on the device."""
+"""Torchvision loaders (two-view, labelled linear-probe training, eval): PIL decode + v2 transforms
+in workers, normalisation on the device."""
 from __future__ import annotations
 
 import logging
@@ -12,7 +13,7 @@ from torchvision.transforms import v2 as T
 
 from .folder import ImageList, shard_indices
 from .webdataset import ShardList, TarImageLoader
-from .recipes import SOLARIZE_THRESHOLD, TwoViewRecipe, ViewRecipe
+from .recipes import SOLARIZE_THRESHOLD, LinearRecipe, TwoViewRecipe, ViewRecipe, eval_resize
 from .seeds import sample_seed
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,22 @@ class PILGaussianBlur(torch.nn.Module):
         return img.filter(ImageFilter.GaussianBlur(radius=sigma))
 
 
-def eval_transform(size: int) -> Callable[[Image.Image], Image.Image]:
-    """Resize the shorter side to `size`, then center-crop `size` (identity for 32-px CIFAR)."""
-    return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size)])
+def eval_transform(size: int, resize: int | None = None) -> Callable[[Image.Image], Image.Image]:
+    """Resize the shorter side to eval_resize(size, resize) (256 for 224), then center-crop `size`
+    (identity on 32-px CIFAR images)."""
+    return T.Compose([T.Resize(eval_resize(size, resize), antialias=True), T.CenterCrop(size)])
+
+
+def linear_transform(recipe: LinearRecipe) -> Callable[[Image.Image], Image.Image]:
+    """PIL -> PIL labelled training view: RandomResizedCrop + flip ("rrc"), or RandomCrop with zero
+    padding + flip ("pad_crop"; an image still smaller than the crop after the padding is padded
+    further rather than failing)."""
+    if recipe.kind == "rrc":
+        return view_transform(recipe.view())
+    ops: list = [T.RandomCrop(recipe.size, padding=recipe.padding or None, pad_if_needed=True, fill=0)]
+    if recipe.flip_p > 0:
+        ops.append(T.RandomHorizontalFlip(p=recipe.flip_p))
+    return T.Compose(ops)
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -64,43 +78,65 @@ def to_hwc_uint8(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
 
 
-class TwoViewDataset(Dataset):
-    """(query, key, bad) per index; a file that fails to decode is replaced by a deterministic
-    substitute and `bad` counts the failures, so batches stay full and the count reaches the loop."""
+class TrainDataset(Dataset):
+    """Base of the training datasets: a file that fails to decode is replaced by a deterministic
+    substitute and counted, so batches stay full and the count reaches the loop."""
 
-    def __init__(self, files: Sequence, recipe: TwoViewRecipe, seed: int = 0,
-                 load: Callable[..., Image.Image] = load_rgb) -> None:
-        self.files, self.load = list(files), load
-        self.query, self.key = view_transform(recipe.query), view_transform(recipe.key)
-        self.seed = seed
+    def __init__(self, files: Sequence, seed: int = 0, load: Callable[..., Image.Image] = load_rgb) -> None:
+        self.files, self.load, self.seed = list(files), load, seed
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def decode(self, key: int | tuple[int, int]) -> tuple[Image.Image, int, int]:
+        """(image, index of the file actually read, files replaced) for (index, epoch); seeds torch."""
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         # The augmentation of a sample is a function of (seed, epoch, index) alone, whatever worker
         # draws it: a run resumed from a checkpoint sees the very same views.
         torch.manual_seed(sample_seed(self.seed, epoch, index))
         for attempt in range(MAX_SUBSTITUTES):
-            path = self.files[(index + attempt * 7919) % len(self.files)]
+            j = (index + attempt * 7919) % len(self.files)
             try:
-                img = self.load(path)
+                return self.load(self.files[j]), j, attempt
             except Exception as e:  # PIL raises many types for bad data
-                log.warning("skipping undecodable %s (%s: %s)", path, type(e).__name__, e)
-                continue
-            return to_hwc_uint8(self.query(img)), to_hwc_uint8(self.key(img)), attempt
+                log.warning("skipping undecodable %s (%s: %s)", self.files[j], type(e).__name__, e)
         raise RuntimeError(f"{MAX_SUBSTITUTES} consecutive files failed to decode near {self.files[index]!r}; "
                            f"rescan the data with scan_image_folder(..., verify=True)")
+
+
+class TwoViewDataset(TrainDataset):
+    """(query, key, bad) per (index, epoch); `bad` counts the files replaced."""
+
+    def __init__(self, files: Sequence, recipe: TwoViewRecipe, seed: int = 0,
+                 load: Callable[..., Image.Image] = load_rgb) -> None:
+        super().__init__(files, seed, load)
+        self.query, self.key = view_transform(recipe.query), view_transform(recipe.key)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        img, _, bad = self.decode(key)
+        return to_hwc_uint8(self.query(img)), to_hwc_uint8(self.key(img)), bad
+
+
+class LabelledDataset(TrainDataset):
+    """(view, label, bad) per (index, epoch): the label is the one of the file actually read."""
+
+    def __init__(self, files: Sequence, labels: Sequence[int], recipe: LinearRecipe, seed: int = 0,
+                 load: Callable[..., Image.Image] = load_rgb) -> None:
+        super().__init__(files, seed, load)
+        self.labels, self.transform = list(labels), linear_transform(recipe)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        img, j, bad = self.decode(key)
+        return to_hwc_uint8(self.transform(img)), self.labels[j], bad
 
 
 class EvalDataset(Dataset):
     """(image, label, ok) per index; ok=False rows are dropped by the loader and counted."""
 
     def __init__(self, files: Sequence, labels: Sequence[int], size: int,
-                 load: Callable[..., Image.Image] = load_rgb) -> None:
+                 load: Callable[..., Image.Image] = load_rgb, resize: int | None = None) -> None:
         self.files, self.labels, self.size, self.load = list(files), list(labels), size, load
-        self.transform = eval_transform(size)
+        self.transform = eval_transform(size, resize)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -154,22 +190,19 @@ class DeviceNormalizer:
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
 
-class TorchvisionTwoViewLoader:
-    """TwoViewLoader over a torch DataLoader; `skipped` counts files replaced after a decode error."""
+class TorchvisionTrainBase:
+    """What the torchvision training loaders share: the epoch sampler (seed + epoch, disjoint rank
+    shards, drop_last), the DataLoader and the `skipped` count of files replaced."""
 
-    def __init__(self, files: ImageList | ShardList, recipe: TwoViewRecipe, batch_size: int, *,
-                 device: torch.device, dtype: torch.dtype, channels_last: bool, num_workers: int, rank: int,
-                 world_size: int, seed: int) -> None:
-        self.sampler = EpochShardSampler(len(files), batch_size, rank, world_size, seed)
-        pin = torch.device(device).type == "cuda"
-        items, _, load = sources(files)
+    def __init__(self, dataset: TrainDataset, batch_size: int, *, device: torch.device, num_workers: int,
+                 rank: int, world_size: int, seed: int) -> None:
+        self.sampler = EpochShardSampler(len(dataset), batch_size, rank, world_size, seed)
+        self.device = torch.device(device)
         self.loader = DataLoader(
-            TwoViewDataset(items, recipe, seed, load), batch_size=batch_size, sampler=self.sampler, drop_last=True,
-            num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0,
+            dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
+            num_workers=num_workers, pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator().manual_seed(seed),
         )
-        self.norm_q = DeviceNormalizer(recipe.query.mean, recipe.query.std, torch.device(device), dtype, channels_last)
-        self.norm_k = DeviceNormalizer(recipe.key.mean, recipe.key.std, torch.device(device), dtype, channels_last)
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -178,24 +211,62 @@ class TorchvisionTwoViewLoader:
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for q, k, bad in self.loader:
+    def _batches(self) -> Iterator[tuple]:
+        """The DataLoader's batches without their last field, the count of files replaced."""
+        for *batch, bad in self.loader:
             n_bad = int(bad.sum())
             if n_bad:
                 self.skipped += n_bad
                 log.warning("replaced %d undecodable files in this batch (%d so far)", n_bad, self.skipped)
+            yield batch
+
+
+class TorchvisionTwoViewLoader(TorchvisionTrainBase):
+    """TwoViewLoader over a torch DataLoader; `skipped` counts files replaced after a decode error."""
+
+    def __init__(self, files: ImageList | ShardList, recipe: TwoViewRecipe, batch_size: int, *,
+                 device: torch.device, dtype: torch.dtype, channels_last: bool, num_workers: int, rank: int,
+                 world_size: int, seed: int) -> None:
+        items, _, load = sources(files)
+        super().__init__(TwoViewDataset(items, recipe, seed, load), batch_size, device=device,
+                         num_workers=num_workers, rank=rank, world_size=world_size, seed=seed)
+        self.norm_q = DeviceNormalizer(recipe.query.mean, recipe.query.std, self.device, dtype, channels_last)
+        self.norm_k = DeviceNormalizer(recipe.key.mean, recipe.key.std, self.device, dtype, channels_last)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for q, k in self._batches():
             yield self.norm_q(q), self.norm_k(k)
 
 
+class TorchvisionLabelledLoader(TorchvisionTrainBase):
+    """LabelledLoader: (x, labels) batches of the linear probe's training view, with the two-view
+    loader's epoch order, rank shards, drop_last and bad-file replacement."""
+
+    def __init__(self, files: ImageList | ShardList, recipe: LinearRecipe, batch_size: int, *,
+                 device: torch.device, dtype: torch.dtype, channels_last: bool, num_workers: int, rank: int,
+                 world_size: int, seed: int) -> None:
+        if isinstance(files, ShardList) and files.labels is None:
+            raise ValueError(f"the shards under {files.root!r} have no .cls labels; a labelled loader needs them")
+        items, labels, load = sources(files)
+        super().__init__(LabelledDataset(items, labels, recipe, seed, load), batch_size, device=device,
+                         num_workers=num_workers, rank=rank, world_size=world_size, seed=seed)
+        self.norm = DeviceNormalizer(recipe.mean, recipe.std, self.device, dtype, channels_last)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, labels in self._batches():
+            yield self.norm(x), labels.to(self.device, non_blocking=True)
+
+
 class TorchvisionEvalLoader:
-    """(x, labels) over rank's strided shard of the whole split; undecodable files dropped and counted."""
+    """(x, labels) over rank's strided shard of the whole split (resize the shorter side to
+    eval_resize(size, resize), center crop `size`); undecodable files dropped and counted."""
 
     def __init__(self, files: ImageList | ShardList, size: int, mean, std, batch_size: int, *,
                  device: torch.device, dtype: torch.dtype, channels_last: bool, num_workers: int, rank: int,
-                 world_size: int) -> None:
+                 world_size: int, resize: int | None = None) -> None:
         shard = list(range(rank, len(files), world_size))
         items, labels, load = sources(files)
-        dataset = EvalDataset([items[i] for i in shard], [labels[i] for i in shard], size, load)
+        dataset = EvalDataset([items[i] for i in shard], [labels[i] for i in shard], size, load, resize)
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
                                  num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
                                  persistent_workers=num_workers > 0)

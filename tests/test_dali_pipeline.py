@@ -14,9 +14,10 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
-from fastmoco.pipelines import ImageList, build_eval_loader, build_train_loader, get_recipe, scan_image_folder  # noqa: E402
+from fastmoco.pipelines import (ImageList, build_eval_loader, build_labelled_train_loader, build_train_loader,  # noqa: E402
+                                get_linear_recipe, get_recipe, scan_image_folder, shard_indices)
 from fastmoco.pipelines.dali import DaliTwoViewLoader  # noqa: E402
-from fastmoco.pipelines.recipes import CIFAR_MEAN, CIFAR_STD, ViewRecipe, TwoViewRecipe  # noqa: E402
+from fastmoco.pipelines.recipes import CIFAR_MEAN, CIFAR_STD, LinearRecipe, ViewRecipe, TwoViewRecipe  # noqa: E402
 
 CPU = torch.device("cpu")
 RAW = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # outputs in [0, 1]: pixel / 255
@@ -207,3 +208,192 @@ def test_blur_and_solarize_rates_match(images):
         rates.append((blurred, s))
     (b_d, s_d), (b_t, s_t) = rates
     assert _binom_ok(b_d, b_t, 0.3, 1024) and _binom_ok(s_d, s_t, 0.3, 1024), rates
+
+
+# --- eval resize rule (256 -> 224; 32 px untouched) ---------------------------------------------
+
+KINDS = ("dali", "torchvision")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_eval_leaves_32px_pixels_untouched(tmp_path, kind):
+    """Noise PNGs at 32 px: any resampling would show; eval must hand back the pixels themselves."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    files = ImageList([_png(tmp_path / f"{i}.png", a) for i, a in enumerate(arrays)], [0, 1, 2, 3], ["a", "b", "c", "d"])
+    x, y = next(iter(build_eval_loader(kind, files, 32, RAW["mean"], RAW["std"], 4, device=CPU, num_workers=1)))
+    ref = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+    torch.testing.assert_close(x, ref, rtol=0, atol=1e-6)
+    assert y.tolist() == [0, 1, 2, 3]
+
+
+def test_eval_224_resizes_to_256_in_both(tmp_path):
+    """400×300 gradient: both backends resize the shorter side to 256 and cut the center 224."""
+    y, x = np.mgrid[0:300, 0:400]
+    img = np.stack([x * 255 / 399, y * 255 / 299, np.full_like(x, 128.0)], -1).round()
+    files = ImageList([_png(tmp_path / "g.png", img)], [0], [""])
+    out = {kind: next(iter(build_eval_loader(kind, files, 224, RAW["mean"], RAW["std"], 1, device=CPU,
+                                             num_workers=1)))[0][0] * 255 for kind in KINDS}
+    for kind, o in out.items():
+        assert o.shape == (3, 224, 224), kind
+        assert abs(o[1, 0, 112] - 16) < 2 and abs(o[1, -1, 112] - 239) < 2, kind  # rows 1/16 .. 15/16
+        assert abs(o[0, 112, 0] - 255 * (58.5 * 400 / 341.33 - 0.5) / 399) < 2, kind
+    assert (out["dali"] - out["torchvision"]).abs().mean() < 0.5  # pixel levels
+
+
+def test_eval_224_matches_torchvision_on_imagenet_samples(imagenet_samples):
+    files = scan_image_folder(imagenet_samples, max_images=16, seed=1)
+    x = [torch.cat([x for x, _ in build_eval_loader(kind, files, 224, RAW["mean"], RAW["std"], 8, device=CPU,
+                                                    num_workers=1)]) for kind in KINDS]
+    assert x[0].shape == x[1].shape == (16, 3, 224, 224)
+    # the same output size and window (torchvision's integers); decoders and filters differ a little
+    assert (x[0] - x[1]).abs().mean() * 255 < 0.5
+
+
+# --- labelled (linear probe) training loader -----------------------------------------------------
+
+@pytest.mark.parametrize("name,dtype,channels_last", [("cifar", torch.float32, True), ("v2", torch.float16, False),
+                                                      ("cifar", torch.bfloat16, True)])
+def test_labelled_batches(tiny_cifar, name, dtype, channels_last):
+    files = scan_image_folder(tiny_cifar / "train")
+    recipe = get_linear_recipe(name, size=32)
+    loader = build_labelled_train_loader("dali", files, recipe, 64, device=CPU, dtype=dtype,
+                                         channels_last=channels_last, num_workers=1, seed=2)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 3 and loader.skipped == 0
+    x, y = batches[-1]
+    assert x.shape == (64, 3, 32, 32) and x.dtype == dtype and y.shape == (64,) and y.dtype == torch.int64
+    assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    order = shard_indices(len(files), 64, 0, 1, 2, 0)  # the same order as torchvision's
+    assert torch.cat([y for _, y in batches]).tolist() == [files.labels[i] for i in order]
+    c = torch.cat([x for x, _ in batches]).float().transpose(0, 1).reshape(3, -1)
+    assert c.mean(1).abs().max() < 0.5 and 0.6 < c.std() < 1.5
+    lo = (0 - torch.tensor(recipe.mean)) / torch.tensor(recipe.std)
+    hi = (1 - torch.tensor(recipe.mean)) / torch.tensor(recipe.std)
+    assert (c.min(1).values >= lo - 0.03).all() and (c.max(1).values <= hi + 0.03).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("crop", ["pad_crop", "rrc"])
+def test_labelled_pairs_shards_and_reshuffles(tmp_path, kind, crop):
+    """Constant images whose colour is their index, labelled with the index: every batch's labels
+    name the images in it; ranks are disjoint and cover the kept part; epochs reshuffle."""
+    n, batch, world = 50, 4, 2
+    files = ImageList([_png(tmp_path / f"{i:03d}.png", np.full((12, 10, 3), (i, 255 - i, 7))) for i in range(n)],
+                      list(range(n)), [str(i) for i in range(n)])
+    recipe = LinearRecipe(kind=crop, size=8, padding=4, **RAW)
+    seen = {}
+    for epoch in (0, 1):
+        got = []
+        for rank in range(world):
+            loader = build_labelled_train_loader(kind, files, recipe, batch, device=CPU, num_workers=1, rank=rank,
+                                                 world_size=world, seed=5)
+            loader.set_epoch(epoch)
+            ys = []
+            for x, y in loader:
+                # G = 255 - index; the zero padding of pad_crop never exceeds it
+                assert ((255 - x[:, 1].amax((1, 2)) * 255).round().long() == y).all()
+                ys += y.tolist()
+            assert ys == shard_indices(n, batch, rank, world, 5, epoch) and len(ys) == len(loader) * batch
+            got.append(ys)
+        flat = got[0] + got[1]
+        assert len(flat) == len(set(flat)) == (n // (batch * world)) * batch * world
+        seen[epoch] = got
+    assert seen[0] != seen[1]
+
+
+def _pad_crop_offsets(x: torch.Tensor, padding: int):
+    """(ky, kx, flipped) of pad_crop views of the gradient image (R = 8x + 7, G = 8y + 7, 0 = padding)."""
+    size = x.shape[-1]
+    mid = size // 2
+    r, g = (x[:, 0, mid] * 255).round(), (x[:, 1, :, mid] * 255).round()  # a row of R, a column of G
+    flipped = r[:, mid - 1] > r[:, mid]  # columns padding..size-padding hold image pixels at any offset
+    r = torch.where(flipped[:, None], r.flip(1), r)
+
+    def offset(line):  # first valid pixel at index c holds source coordinate (v - 7) / 8 = c + k - padding
+        c = (line > 0).float().argmax(1)
+        v = line.gather(1, c[:, None])[:, 0]
+        return ((v - 7) / 8 - c + padding).long()
+    return offset(g), offset(r), flipped
+
+
+def test_pad_crop_offsets_and_flip_match_torchvision(tmp_path):
+    """RandomCrop(32, padding=4): offsets uniform over 0..8 in both axes, flip at 1/2, in both backends."""
+    y, x = np.mgrid[0:32, 0:32]
+    path = _png(tmp_path / "coords.png", np.stack([8 * x + 7, 8 * y + 7, np.full_like(x, 128)], -1))
+    recipe = LinearRecipe(kind="pad_crop", size=32, padding=4, **RAW)  # get_linear_recipe("cifar") unnormalised
+    n = 1024
+    stats = {}
+    for kind in KINDS:
+        loader = build_labelled_train_loader(kind, ImageList([path] * n, [0] * n, [""]), recipe, 256, device=CPU,
+                                             num_workers=1)
+        ky, kx, flipped = _pad_crop_offsets(torch.cat([x for x, _ in loader]), 4)
+        for k in (ky, kx):
+            counts = torch.bincount(k, minlength=9)
+            assert len(counts) == 9, counts  # no offset outside 0..8
+            assert (counts - n / 9).abs().max() < 5 * math.sqrt(n / 9 * 8 / 9), counts
+        stats[kind] = flipped.float().mean().item()
+    assert _binom_ok(stats["dali"], stats["torchvision"], 0.5, n), stats
+
+
+def test_linear_rrc_matches_torchvision(images):
+    """The ImageNet protocol's RandomResizedCrop (scale 0.08-1) + flip, through the labelled loaders."""
+    recipe = LinearRecipe(kind="rrc", size=32, **RAW)
+    geo = []
+    for kind in KINDS:
+        loader = build_labelled_train_loader(kind, ImageList([images["coords"]] * DRAWS, [0] * DRAWS, [""]), recipe,
+                                             256, device=CPU, num_workers=1)
+        geo.append(_geometry(torch.cat([x for x, _ in loader]).permute(0, 2, 3, 1) * 255))
+    (a_d, r_d, f_d), (a_t, r_t, f_t) = geo
+    assert _ks(a_d, a_t) < KS_CRIT and _ks(r_d, r_t) < KS_CRIT
+    assert a_d.min() > 0.06 and _binom_ok(f_d.float().mean().item(), f_t.float().mean().item(), 0.5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_labelled_bad_files_are_replaced_with_their_labels(imagenet_samples, tmp_path, kind):
+    """A file that slips past the scan is replaced by a good one, which brings its own label; counted."""
+    good = sorted(str(p) for p in imagenet_samples.iterdir())[:7]
+    data = open(good[0], "rb").read()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    files = ImageList(good + [str(tmp_path / "truncated.jpg")], list(range(7)) + [99], [""])
+    loader = build_labelled_train_loader(kind, files, get_linear_recipe("v2", size=32), 4, device=CPU,
+                                         num_workers=1)
+    ys = torch.cat([y for _, y in loader]).tolist()
+    assert len(ys) == 8 and 99 not in ys and loader.skipped == 1
+
+
+def test_labelled_shards(tmp_path, monkeypatch):
+    """WebDataset shards with .cls: labels come with their images (shuffled in the buffer); none: an error."""
+    import io
+    import tarfile
+
+    from fastmoco.pipelines import scan_webdataset
+
+    monkeypatch.delenv("FASTMOCO_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def write(path, n0, n, cls=True):
+        with tarfile.open(path, "w") as tf:
+            for i in range(n0, n0 + n):
+                out = io.BytesIO()
+                Image.fromarray(np.full((8, 8, 3), (i, 255 - i, 7), np.uint8)).save(out, "PNG")
+                for name, data in [(f"{i:05d}.png", out.getvalue())] + ([(f"{i:05d}.cls", f"{i}\n".encode())] if cls else []):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    (tmp_path / "l").mkdir()
+    (tmp_path / "u").mkdir()
+    for s, (n0, n) in enumerate(((0, 12), (12, 12))):
+        write(tmp_path / "l" / f"{s}.tar", n0, n)
+        write(tmp_path / "u" / f"{s}.tar", n0, n, cls=False)
+    shards = scan_webdataset(tmp_path / "l")
+    recipe = LinearRecipe(kind="pad_crop", size=8, padding=2, **RAW)
+    for kind in KINDS:
+        loader = build_labelled_train_loader(kind, shards, recipe, 4, device=CPU, num_workers=1, seed=1)
+        ys = []
+        for x, y in loader:
+            assert ((255 - x[:, 1].amax((1, 2)) * 255).round().long() == y).all(), kind
+            ys += y.tolist()
+        assert len(ys) == 24 and sorted(ys) == list(range(24)), kind
+        with pytest.raises(ValueError, match=".cls"):
+            build_labelled_train_loader(kind, scan_webdataset(tmp_path / "u"), recipe, 4, device=CPU)

@@ -48,3 +48,33 @@ def test_invalid_views_raise(bad):
 def test_unknown_recipe_names_the_choices():
     with pytest.raises(ValueError, match="v1"):
         get_recipe("v4")
+
+
+def test_eval_resize_rule():
+    from fastmoco.pipelines.recipes import CROP_PCT, eval_resize
+
+    assert CROP_PCT == 0.875 and eval_resize(224) == 256  # the standard Resize(256) + CenterCrop(224)
+    assert (eval_resize(128), eval_resize(160), eval_resize(288)) == (146, 183, 329)
+    assert eval_resize(32) == 32 and eval_resize(96) == 96  # small sets are stored at the crop size
+    assert eval_resize(96, resize=110) == 110 and eval_resize(224, resize=224) == 224
+    with pytest.raises(ValueError, match="smaller"):
+        eval_resize(224, resize=200)
+
+
+def test_linear_recipes_match_the_protocols():
+    from fastmoco.pipelines.recipes import LinearRecipe, get_linear_recipe
+
+    for name in ("v1", "v2", "v3", "imagenet"):  # main_lincls.py: RandomResizedCrop(224) + flip
+        r = get_linear_recipe(name)
+        assert (r.kind, r.size, r.crop_scale, r.flip_p, r.mean) == ("rrc", 224, (0.08, 1.0), 0.5, IMAGENET_MEAN)
+    c = get_linear_recipe("cifar")  # RandomCrop(32, padding=4) + flip
+    assert (c.kind, c.size, c.padding, c.flip_p, c.mean, c.std) == ("pad_crop", 32, 4, 0.5, CIFAR_MEAN, CIFAR_STD)
+    assert get_linear_recipe("v2", size=96).size == 96 and get_linear_recipe("v2", size=96).kind == "rrc"
+    v = get_linear_recipe("v2").view()  # rrc runs as a two-view ViewRecipe without colour or blur
+    assert (v.size, v.crop_scale, v.flip_p, v.jitter_p, v.grayscale_p, v.blur_p, v.solarize_p) == (
+        224, (0.08, 1.0), 0.5, 0.0, 0.0, 0.0, 0.0)
+    for bad in (dict(kind="crop"), dict(padding=-1), dict(flip_p=2.0), dict(crop_scale=(0.0, 1.0))):
+        with pytest.raises(ValueError):
+            LinearRecipe(**bad)
+    with pytest.raises(ValueError, match="cifar"):
+        get_linear_recipe("v4")
