@@ -14,7 +14,8 @@ ARGS   ?=
 # the AVX2 cap returned NaN, so the AVX2 run keeps its own cache.
 AVX2_CAPS  := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
               TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.venv/inductor-avx2
-AVX2_TESTS := tests/test_device.py tests/test_distributed.py tests/test_model.py tests/test_train.py
+AVX2_TESTS := tests/test_device.py tests/test_distributed.py tests/test_model.py tests/test_train.py \
+	tests/test_eval.py tests/test_knn_distributed.py
 
 .PHONY: setup train test test-avx2 bench clean
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastmoco.config import TrainConfig
+from fastmoco.config import RunConfig, TrainConfig
 from fastmoco.data import build_pretrain_loader
 from fastmoco.device import autocast, grad_scaler, resolve_device, resolve_precision
 from fastmoco.distributed import broadcast_choice, broadcast_module_, init_from_env
@@ -41,16 +41,17 @@ class Runtime:
         return str(self.dtype).removeprefix("torch.")
 
 
-def init_runtime(cfg: TrainConfig) -> Runtime:
+def init_runtime(run: RunConfig) -> Runtime:
     """Join the process group torchrun or SLURM describes, take this process's GPU, and settle the
-    precision (on a CPU `auto` measures: rank 0's choice holds everywhere)."""
-    device = resolve_device(cfg.run.device)
+    precision (on a CPU `auto` measures: rank 0's choice holds everywhere). Training and the
+    evaluation commands start here alike."""
+    device = resolve_device(run.device)
     rank, world, local_rank = init_from_env(device.type)
-    if device.type == "cuda" and cfg.run.device == "auto":
+    if device.type == "cuda" and run.device == "auto":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dtype = resolve_precision(cfg.run.precision, device, cfg.run.allow_emulated_bf16)
-    if cfg.run.precision == "auto":
+    dtype = resolve_precision(run.precision, device, run.allow_emulated_bf16)
+    if run.precision == "auto":
         dtype = DTYPES[broadcast_choice(DTYPES.index(dtype), device)]
     return Runtime(device, dtype, rank, world)
 

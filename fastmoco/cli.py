@@ -1,4 +1,5 @@
-"""The one entry: `fastmoco train|bench <hydra overrides>` (console script and `python -m fastmoco`).
+"""The one entry: `fastmoco train|bench|eval|export ...` (console script, `python -m fastmoco`,
+`torchrun -m fastmoco train`).
 
 Hydra composes the yaml on the dataclass schema; the result becomes typed config here, once."""
 from __future__ import annotations
@@ -8,16 +9,20 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from fastmoco.config import from_hydra
+from fastmoco.config import EvalConfig, from_hydra
 from fastmoco.distributed import is_main_process
 
-USAGE = """usage: fastmoco {train,bench} [hydra overrides ...]
+USAGE = """usage: fastmoco {train,bench,eval linear,eval knn,export} [overrides ...]
 
   fastmoco train                                   # MoCo v2, ResNet-18, CIFAR-10 recipe
   fastmoco train experiment=imagenet_moco_v2 data.root=/data/imagenet
   fastmoco train backbone=vit_small_patch16_224 method=moco_v3 optim=adamw
   fastmoco train --cfg job                         # print the composed config
   fastmoco bench backbone=resnet50 data=synthetic  # images/s and the step's time split
+  fastmoco eval linear checkpoint=runs/cpu_demo linear=cifar linear.mode=cached
+  fastmoco eval linear checkpoint=RUN data=imagefolder data.root=/data/imagenet   # main_lincls
+  fastmoco eval knn checkpoint=RUN                 # weighted kNN, k 200, T 0.1
+  fastmoco export checkpoint=RUN format=timm out=DIR   # also torchvision, detectron2
 """
 
 
@@ -28,6 +33,34 @@ def train_main(cfg: DictConfig) -> None:
     summary = train(from_hydra(cfg))
     if is_main_process():
         print_summary(summary)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def eval_linear_main(cfg: DictConfig) -> None:
+    from fastmoco.evaluate import linear
+
+    summary = linear(from_hydra(cfg, EvalConfig))
+    if is_main_process():
+        print_eval(summary)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def eval_knn_main(cfg: DictConfig) -> None:
+    from fastmoco.evaluate import knn
+
+    summary = knn(from_hydra(cfg, EvalConfig))
+    if is_main_process():
+        print(f"kNN top-1 (k={summary['k']}) of {summary['backbone']} from {summary['source']}: "
+              f"{summary['knn_top1']:.2f}%")
+
+
+def print_eval(summary: dict) -> None:
+    if summary.get("stopped"):
+        print(f"stopped at step {summary['step']}; run the same command again to resume")
+        return
+    what = "cached linear probe" if summary["mode"] == "cached" else "linear protocol"
+    print(f"{what} of {summary['backbone']} from {summary['source']}: top-1 {summary['top1']:.2f}%, "
+          f"top-5 {summary['top5']:.2f}%")
 
 
 def print_summary(summary: dict) -> None:
@@ -45,6 +78,13 @@ def print_summary(summary: dict) -> None:
                    else ", torch's default BN statistics")
             line += f" vs {before:.2f}% at random init{how} ({after - before:+.2f} points)"
         print(line)
+    probe_before, probe_after = summary.get("probe_init"), summary.get("probe_final")
+    if probe_after is not None:
+        line = f"cached linear probe top-1 on the test split: {probe_after:.2f}% after pretraining"
+        if probe_before is not None:
+            line += (f" vs {probe_before:.2f}% at random init, same BN calibration "
+                     f"({probe_after - probe_before:+.2f} points)")
+        print(line)
     if summary.get("skipped_files"):
         print(f"skipped {summary['skipped_files']} unreadable files (see the log)")
 
@@ -55,6 +95,11 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
+    if command == "eval":
+        if not rest or rest[0] not in ("linear", "knn"):
+            raise SystemExit("fastmoco eval needs what to evaluate: fastmoco eval linear ... or "
+                             "fastmoco eval knn ...")
+        command, rest = f"eval {rest[0]}", rest[1:]
     sys.argv = [f"fastmoco {command}", *rest]
     if command == "train":
         train_main()
@@ -62,6 +107,14 @@ def main(argv: list[str] | None = None) -> None:
         from fastmoco.bench import bench_main
 
         bench_main()
+    elif command == "eval linear":
+        eval_linear_main()
+    elif command == "eval knn":
+        eval_knn_main()
+    elif command == "export":
+        from fastmoco.export import run
+
+        run(rest)
     else:
         print(USAGE, file=sys.stderr)
-        raise SystemExit(f"unknown command {command!r}: use train or bench")
+        raise SystemExit(f"unknown command {command!r}: use train, bench, eval or export")

@@ -22,6 +22,9 @@ LR_SCHEDULES = ("cosine", "step", "constant")
 KNN_FEATURES = ("head", "backbone")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 COMPILE = ("auto", "on", "off")
+LINEAR_MODES = ("full", "cached")
+LINEAR_VIEWS = ("rrc", "pad_crop")
+ENCODERS = ("query", "key")
 
 
 def choose(setting: str, value: Any, choices: tuple) -> None:
@@ -168,6 +171,9 @@ class KnnConfig:
     # data's statistics. 0: the default statistics.
     init_bn_calibration_images: int = 2560
     batch_size: int = 512
+    # At init and at the end, also fit the cached linear probe (fastmoco.probe) on the same
+    # train and test features: the linear figure of the run next to its kNN.
+    linear_probe: bool = False
 
     def __post_init__(self) -> None:
         choose("knn.features", self.features, KNN_FEATURES)
@@ -254,6 +260,72 @@ class TrainConfig:
             )
 
 
+@dataclass
+class LinearConfig:
+    """The linear protocol: a linear classifier on the frozen backbone, BatchNorm in eval mode.
+    The defaults are the MoCo authors' main_lincls (v1/v2); conf/linear/ holds the v3 and
+    CIFAR presets."""
+
+    mode: str = "full"  # full: the protocol on augmented views | cached: features extracted once
+    epochs: int = 100
+    batch_size: int = 256  # global
+    lr: float = 30.0
+    base_batch: Optional[int] = 256  # lr is per this many images
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "step"  # step: x0.1 at the milestones (epochs 60 and 80 of 100)
+    milestones: tuple[float, ...] = (0.6, 0.8)
+    train_view: str = "rrc"  # rrc: RandomResizedCrop + flip | pad_crop: RandomCrop, padding 4, + flip
+    eval_every_epochs: int = 10
+    # cached mode: (lr, weight decay) swept on a held-out part of the train split
+    holdout: float = 0.1
+    cached_epochs: int = 30
+    max_train_images: Optional[int] = None  # a random subset of the train split
+
+    def __post_init__(self) -> None:
+        choose("linear.mode", self.mode, LINEAR_MODES)
+        choose("linear.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        choose("linear.train_view", self.train_view, LINEAR_VIEWS)
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"linear.epochs={self.epochs}, linear.batch_size={self.batch_size}, "
+                             f"linear.lr={self.lr}: all must be positive")
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"linear.holdout={self.holdout}: choose a fraction in (0, 1)")
+
+    def lr_for(self, batch_size: int) -> float:
+        return self.lr * (batch_size / self.base_batch if self.base_batch else 1.0)
+
+
+@dataclass
+class EvalConfig:
+    """`fastmoco eval linear|knn`: a pretrained backbone judged on a labelled dataset."""
+
+    # A run directory (its newest checkpoint), a checkpoint file, an export directory
+    # (fastmoco export format=timm), or a timm model name (random init: the baseline).
+    checkpoint: str = ""
+    encoder: str = "query"  # query (what the authors keep) | key
+    data: DataConfig = field(default_factory=DataConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(dir="runs/eval"))
+
+    def __post_init__(self) -> None:
+        choose("encoder", self.encoder, ENCODERS)
+        if not self.checkpoint:
+            raise ValueError("checkpoint= is missing: a run directory, a checkpoint file, an "
+                             "export directory, or a timm name (e.g. checkpoint=resnet50 for the "
+                             "random-init baseline)")
+
+    def check(self, world_size: int = 1) -> None:
+        if self.linear.batch_size % world_size:
+            raise ValueError(f"linear.batch_size={self.linear.batch_size} is not divisible by the "
+                             f"{world_size} processes: use a multiple of {world_size}")
+        if not self.data.eval_split:
+            raise ValueError("data.eval_split is null: name the labelled split to evaluate on "
+                             "(e.g. data.eval_split=val)")
+
+
 def default_data_root(name: str) -> Optional[Path]:
     """$FASTMOCO_DATA (the dataset folder itself), else ../shared/data/<name> beside the project."""
     env = os.environ.get("FASTMOCO_DATA")
@@ -295,11 +367,12 @@ def register_schema(name: str, node: type) -> None:
 
 
 register_schema("train", TrainConfig)
+register_schema("eval", EvalConfig)
 
 
-def from_hydra(cfg: Any) -> TrainConfig:
-    """The one place where hydra's DictConfig becomes typed dataclasses."""
+def from_hydra(cfg: Any, schema: type = TrainConfig) -> Any:
+    """The one place where hydra's DictConfig becomes typed dataclasses (TrainConfig, EvalConfig)."""
     from omegaconf import OmegaConf
 
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    return OmegaConf.to_object(merged)

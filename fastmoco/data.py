@@ -1,6 +1,7 @@
 """From the data config to the loaders the loop reads: two-view pretraining and the kNN splits."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -10,9 +11,9 @@ from typing import Iterable, Iterator, NamedTuple, Optional
 import torch
 
 from fastmoco.config import DataConfig, PipelineConfig, default_data_root
-from fastmoco.pipelines import build_eval_loader, build_train_loader
+from fastmoco.pipelines import build_eval_loader, build_labelled_train_loader, build_train_loader
 from fastmoco.pipelines.folder import ImageList, scan_image_folder
-from fastmoco.pipelines.recipes import get_recipe
+from fastmoco.pipelines.recipes import get_linear_recipe, get_recipe
 from fastmoco.pipelines.webdataset import ShardList, is_webdataset, scan_webdataset
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,10 @@ class KnnLoaders(NamedTuple):
 def build_knn_loaders(
     data: DataConfig, pipeline: PipelineConfig, batch_size: int, *, device: torch.device,
     dtype: torch.dtype, channels_last: bool, seed: int, calibration_images: int = 0,
+    rank: int = 0, world_size: int = 1,
 ) -> Optional[KnnLoaders]:
-    """The kNN monitor's loaders (centre crops, no augmentation), or None without labels."""
+    """The kNN monitor's loaders (centre crops, no augmentation), or None without labels; bank
+    and eval over rank's part of each split, calibration over the same images on every rank."""
     if data.name == "synthetic" or not data.eval_split:
         return None
     bank = split_files(data, data.train_split, data.knn_bank_max, seed)
@@ -136,10 +139,76 @@ def build_knn_loaders(
     recipe = get_recipe(data.recipe, data.image_size).query
     kind = resolve_pipeline(pipeline)
     kwargs = dict(device=device, dtype=dtype, channels_last=channels_last,
-                  num_workers=num_workers(pipeline, 1))
-    make = lambda files: build_eval_loader(kind, files, data.image_size, recipe.mean, recipe.std,
-                                           batch_size, **kwargs)
+                  num_workers=num_workers(pipeline, world_size))
+    make = lambda files, **part: build_eval_loader(kind, files, data.image_size, recipe.mean,
+                                                   recipe.std, batch_size, **kwargs, **part)
     calibration = None
     if calibration_images > 0:
         calibration = make(split_files(data, data.train_split, calibration_images, seed + 1))
-    return KnnLoaders(make(bank), make(test), len(bank.classes), calibration)
+    part = dict(rank=rank, world_size=world_size)
+    return KnnLoaders(make(bank, **part), make(test, **part), len(bank.classes), calibration)
+
+
+def labelled_splits(data: DataConfig, seed: int, train_max: Optional[int],
+                    eval_max: Optional[int]) -> tuple[ImageList | ShardList, ImageList | ShardList]:
+    """The train and eval splits with their labels; the eval split's classes must be the train
+    split's (labels are class indices, so a missing class would shift every label after it)."""
+    train = split_files(data, data.train_split, train_max, seed)
+    test = split_files(data, data.eval_split, eval_max, seed)
+    if list(test.classes) != list(train.classes):
+        extra = sorted(set(test.classes) - set(train.classes))
+        missing = sorted(set(train.classes) - set(test.classes))
+        raise ValueError(
+            f"the classes of {data.eval_split!r} and {data.train_split!r} differ (only in "
+            f"{data.eval_split}: {extra[:5] or '-'}; only in {data.train_split}: {missing[:5] or '-'}): "
+            f"give both splits the same class folders (an empty folder is a class with no images), "
+            f"or point data.eval_split at a split of the same dataset")
+    return train, test
+
+
+class FeatureLoaders(NamedTuple):
+    train: Iterable  # centre crops of the train split, this process's part
+    val: Iterable  # centre crops of the eval split, this process's part
+    num_classes: int
+
+
+def build_feature_loaders(cfg, rt, batch_size: int = 256) -> FeatureLoaders:
+    """Centre crops of both splits, split over the processes: for features extracted once (the
+    cached probe, `fastmoco eval knn`). `cfg` is an EvalConfig, `rt` a build.Runtime."""
+    data = cfg.data
+    train, test = labelled_splits(data, cfg.run.seed, cfg.linear.max_train_images, None)
+    mean_std = get_recipe(data.recipe, data.image_size).query
+    kind = resolve_pipeline(cfg.pipeline)
+    make = lambda files: build_eval_loader(
+        kind, files, data.image_size, mean_std.mean, mean_std.std, batch_size, device=rt.device,
+        dtype=rt.dtype, channels_last=cfg.run.channels_last,
+        num_workers=num_workers(cfg.pipeline, rt.world_size), rank=rt.rank, world_size=rt.world_size)
+    return FeatureLoaders(make(train), make(test), len(train.classes))
+
+
+class LinearLoaders(NamedTuple):
+    train: Iterable  # augmented labelled views of the train split (linear.train_view), this process's part
+    val: Iterable  # centre crops of the eval split, this process's part
+    num_classes: int
+
+
+def build_linear_loaders(cfg, rt) -> LinearLoaders:
+    """The linear protocol's loaders (`cfg` an EvalConfig, `rt` a build.Runtime): RandomResizedCrop
+    + flip, or RandomCrop with padding 4 + flip (linear.train_view), and the eval centre crops."""
+    data, lc = cfg.data, cfg.linear
+    train, test = labelled_splits(data, cfg.run.seed, lc.max_train_images, None)
+    recipe = get_linear_recipe("cifar" if lc.train_view == "pad_crop" else "v2", data.image_size)
+    local = lc.batch_size // rt.world_size
+    if len(train) < lc.batch_size:
+        raise ValueError(f"{len(train)} training images but linear.batch_size={lc.batch_size}: "
+                         f"lower linear.batch_size or add data")
+    kind = resolve_pipeline(cfg.pipeline)
+    kw = dict(device=rt.device, dtype=rt.dtype, channels_last=cfg.run.channels_last,
+              num_workers=num_workers(cfg.pipeline, rt.world_size), rank=rt.rank,
+              world_size=rt.world_size)
+    mean_std = get_recipe(data.recipe, data.image_size).query  # what the backbone was trained on
+    train_recipe = dataclasses.replace(recipe, mean=mean_std.mean, std=mean_std.std)
+    return LinearLoaders(
+        build_labelled_train_loader(kind, train, train_recipe, local, seed=cfg.run.seed, **kw),
+        build_eval_loader(kind, test, data.image_size, mean_std.mean, mean_std.std, local, **kw),
+        len(train.classes))

@@ -84,6 +84,26 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor's rows of all processes, concatenated in rank order; the processes may hold
+    different numbers of rows (the last shard of a split is shorter). Carries no gradient."""
+    if not is_distributed() or get_world_size() == 1:
+        return tensors
+    n = torch.tensor([tensors[0].shape[0]], device=tensors[0].device)
+    sizes = [torch.zeros_like(n) for _ in range(get_world_size())]
+    dist.all_gather(sizes, n)
+    most = int(max(s.item() for s in sizes))
+    out = []
+    for t in tensors:
+        padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        padded[: t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        out.append(torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]))
+    return tuple(out)
+
+
+@torch.no_grad()
 def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Shuffle BN, step 1: gather the key images of all processes, permute them with one
     permutation drawn on rank 0 and broadcast, and return this process's slice with the

@@ -69,12 +69,12 @@ class Throughput:
 class ProgressBar:
     """A tqdm bar over the run's steps (rank 0, run.progress), else silent."""
 
-    def __init__(self, enabled: bool, total: int, done: int) -> None:
+    def __init__(self, enabled: bool, total: int, done: int, desc: str = "pretrain") -> None:
         self.bar = None
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=done, desc="pretrain", unit="step",
+            self.bar = tqdm(total=total, initial=done, desc=desc, unit="step",
                             dynamic_ncols=True)
 
     def update(self, total: Optional[int] = None, **postfix: str) -> None:
@@ -89,3 +89,10 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def setup_logging(rank: int) -> None:
+    """INFO on rank 0, warnings only elsewhere."""
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)

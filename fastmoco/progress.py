@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 
 @dataclass
@@ -47,3 +48,13 @@ class Progress:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def epoch_batches(loader: Iterable, progress: Progress) -> Iterator:
+    """The current epoch's batches from where the run stands (the order is a function of seed and
+    epoch, so a mid-epoch resume skips the batches already trained); at its end, the next epoch."""
+    loader.set_epoch(progress.epoch)
+    for i, batch in enumerate(loader):
+        if i >= progress.batch_in_epoch:
+            yield batch
+    progress.next_epoch()

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from fastmoco import checkpoint as ckpt
 from fastmoco.build import Trainer
-from fastmoco.config import TrainConfig
+from fastmoco.config import RunConfig, TrainConfig
 from fastmoco.distributed import get_world_size, is_distributed
 from fastmoco.progress import Progress
 
@@ -25,7 +25,8 @@ def read_latest(cfg: TrainConfig) -> tuple[Optional[Path], Optional[dict[str, An
     return path, (ckpt.load_checkpoint(path) if path is not None else None)
 
 
-def _gather_rng() -> list[dict[str, Any]]:
+def gather_rng() -> list[dict[str, Any]]:
+    """Every process's RNG states, in rank order (every process calls it)."""
     state = ckpt.rng_state()
     if not is_distributed():
         return [state]
@@ -40,17 +41,36 @@ def save(trainer: Trainer, progress: Progress, cfg: TrainConfig,
     state = {
         **trainer.state_dict(),
         "progress": progress.to_dict(),
-        "rng": _gather_rng(),
+        "rng": gather_rng(),
         "world_size": trainer.runtime.world_size,
         "global_batch": cfg.schedule.batch_size,
         "size_index": size_index,
         "config": dataclasses.asdict(cfg),
     }
-    if trainer.runtime.rank == 0:
-        path = ckpt.save_checkpoint(cfg.run.dir, progress.step, state, keep=cfg.run.keep_checkpoints)
+    write(cfg.run, progress.step, state, trainer.runtime.rank)
+
+
+def write(run: RunConfig, step: int, state: dict[str, Any], rank: int) -> None:
+    """Rank 0 writes `state` as the checkpoint of `step` (atomically); every process waits."""
+    if rank == 0:
+        path = ckpt.save_checkpoint(run.dir, step, state, keep=run.keep_checkpoints)
         log.info("checkpoint %s", path)
     if is_distributed():
         dist.barrier()
+
+
+def restore_rng(state: dict[str, Any], rank: int, world: int, seed: int) -> None:
+    """This process's RNG streams from the checkpoint; fresh per-rank streams (derived from the
+    step) when it was written by another number of processes."""
+    rngs = state["rng"]
+    if len(rngs) == world:
+        ckpt.set_rng_state(rngs[rank])
+        return
+    log.warning("checkpoint from %d process(es) resumed on %d: RNG streams re-seeded",
+                len(rngs), world)
+    derived = seed + 1000003 * state["progress"]["step"] + rank
+    torch.manual_seed(derived)
+    random.seed(derived)
 
 
 def restore(path: Path, state: dict[str, Any], trainer: Trainer, cfg: TrainConfig) -> None:
@@ -61,16 +81,7 @@ def restore(path: Path, state: dict[str, Any], trainer: Trainer, cfg: TrainConfi
             f"schedule.batch_size={cfg.schedule.batch_size}: keep the global batch to resume "
             f"(the per-process batch follows from it), or start a new run.dir")
     trainer.load_state_dict(state)
-    rank, world = trainer.runtime.rank, trainer.runtime.world_size
-    rngs = state["rng"]
-    if len(rngs) == world:
-        ckpt.set_rng_state(rngs[rank])
-    else:  # a different number of processes: derive fresh per-rank streams from the step
-        log.warning("checkpoint from %d process(es) resumed on %d: RNG streams re-seeded",
-                    len(rngs), world)
-        seed = cfg.run.seed + 1000003 * state["progress"]["step"] + rank
-        torch.manual_seed(seed)
-        random.seed(seed)
+    restore_rng(state, trainer.runtime.rank, trainer.runtime.world_size, cfg.run.seed)
     p = state["progress"]
     log.info("resumed from %s at step %d (epoch %d, batch %d)", path, p["step"], p["epoch"],
              p["batch_in_epoch"])

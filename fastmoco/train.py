@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from fastmoco import resume
 from fastmoco.autosize import choose_size
@@ -14,9 +14,9 @@ from fastmoco.build import (
     build_loader, build_schedules, build_trainer, init_runtime, planned_steps, seed_process,
 )
 from fastmoco.config import TrainConfig
-from fastmoco.metrics import MetricsWriter, ProgressBar, Throughput
+from fastmoco.metrics import MetricsWriter, ProgressBar, Throughput, setup_logging
 from fastmoco.monitor import KnnMonitor
-from fastmoco.progress import Progress
+from fastmoco.progress import Progress, epoch_batches
 from fastmoco.stop import StopFlag
 
 log = logging.getLogger("fastmoco")
@@ -24,8 +24,8 @@ log = logging.getLogger("fastmoco")
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Pretrain as `cfg` says; returns a summary (kNN before/after, images/s, steps)."""
-    rt = init_runtime(cfg)
-    _setup_logging(rt.rank)
+    rt = init_runtime(cfg.run)
+    setup_logging(rt.rank)
     cfg.check(rt.world_size, rt.device.type)
     path, state = resume.read_latest(cfg)
     cfg, size_index = choose_size(cfg, rt, state.get("size_index") if state else None)
@@ -56,7 +56,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     while not (progress.finished or stop.requested):
         epoch = progress.epoch
-        for x_q, x_k in _epoch_batches(loader, progress):
+        for x_q, x_k in epoch_batches(loader, progress):
             lr, m = schedules.at(*progress.schedule_position())
             out = trainer.step(x_q, x_k, lr, m)
             progress.advance()
@@ -89,20 +89,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                **last, "images_per_s": meter.overall(progress.step),
                "knn_init": progress.knn.get("init"), "knn_final": progress.knn.get("final"),
                "knn_init_bn_images": progress.knn.get("init_bn_images"),
+               "probe_init": progress.knn.get("probe_init"),
+               "probe_final": progress.knn.get("probe_final"),
                "skipped_files": loader.skipped}
     writer.log({"summary": summary})
     writer.close()
     return summary
-
-
-def _epoch_batches(loader, progress: Progress) -> Iterator:
-    """The current epoch's batches from where the run stands (the order is a function of seed and
-    epoch, so a mid-epoch resume skips the batches already trained); at the end, the next epoch."""
-    loader.set_epoch(progress.epoch)
-    for i, batch in enumerate(loader):
-        if i >= progress.batch_in_epoch:
-            yield batch
-    progress.next_epoch()
 
 
 def _report(out, progress: Progress, lr: float, m: float, meter: Throughput,
@@ -117,9 +109,3 @@ def _report(out, progress: Progress, lr: float, m: float, meter: Throughput,
     writer.log({"step": progress.step, "epoch": progress.epoch, "loss": loss, "pretext_top1": acc,
                 "lr": lr, "momentum": m, "images_per_s": ips, "skipped_files": skipped})
     return {"loss": loss, "pretext_top1": acc, "images_per_s": ips}
-
-
-def _setup_logging(rank: int) -> None:
-    level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger().setLevel(level)

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmoco.knn import extract_features, knn_accuracy, knn_predict
+from fastmoco.knn import (
+    extract_features, knn_accuracy, knn_neighbours, knn_predict, knn_topk, knn_vote, merge_topk,
+)
 
 CPU = torch.device("cpu")
 
@@ -108,3 +110,55 @@ def test_extract_features_normalises_and_restores_mode():
     assert torch.equal(labels, y)
     enc.eval()
     torch.testing.assert_close(feats, F.normalize(enc(x), dim=1))  # eval mode used
+
+
+@pytest.mark.parametrize("k", [1, 25, 60, 200])
+def test_merging_the_top_k_of_bank_parts_gives_the_whole_bank_top_k(k):
+    """What the processes do, in one process: the top-k of each part of the bank (one part
+    smaller than k), side by side, merged; then the vote of the whole bank."""
+    queries, bank, labels = random_data(seed=4)
+    kk = min(k, bank.shape[0])
+    full_sims, full_labels = knn_topk(queries, bank, labels, kk)
+    parts = [(bank[a:b], labels[a:b]) for a, b in ((0, 130), (130, 170), (170, 300))]
+    cands = [knn_topk(queries, b, l, kk) for b, l in parts]
+    sims, labs = merge_topk(torch.cat([s for s, _ in cands], 1), torch.cat([l for _, l in cands], 1),
+                            kk)
+    torch.testing.assert_close(sims, full_sims, rtol=0, atol=1e-6)
+    assert torch.equal(labs, full_labels)
+    assert torch.equal(knn_vote(sims, labs, 5, 0.1), knn_predict(queries, bank, labels, 5, k=k))
+
+
+def test_knn_topk_pads_a_short_bank_with_zero_weight():
+    queries, bank, labels = random_data(seed=5, n_bank=4)
+    sims, labs = knn_topk(queries, bank, labels, 10)
+    assert sims.shape == labs.shape == (60, 10)
+    assert bool(torch.isinf(sims[:, 4:]).all()) and bool((sims[:, 4:] < 0).all())
+    assert bool((labs[:, 4:] == 0).all())
+    assert torch.equal(knn_vote(sims, labs, 5, 0.1), knn_predict(queries, bank, labels, 5, k=10))
+    empty, empty_labels = knn_topk(queries, bank[:0], labels[:0], 3)  # a process with no bank rows
+    assert bool(torch.isinf(empty).all()) and empty_labels.shape == (60, 3)
+
+
+def test_merge_topk_breaks_ties_by_column_order():
+    sims = torch.tensor([[0.5, 0.75, 0.5, 0.75, 0.25]])
+    labels = torch.tensor([[0, 1, 2, 3, 4]])
+    s, l = merge_topk(sims, labels, 4)
+    assert s.tolist() == [[0.75, 0.75, 0.5, 0.5]] and l.tolist() == [[1, 3, 0, 2]]
+
+
+def test_knn_neighbours_without_process_group():
+    queries, bank, labels = random_data(seed=6)
+    sims, labs = knn_neighbours(queries, bank, labels, k=7, chunk=13)
+    assert sims.shape == labs.shape == (60, 7)
+    ref = (queries @ bank.T).topk(7, dim=1)
+    torch.testing.assert_close(sims, ref.values)
+    assert torch.equal(labs, labels[ref.indices])
+    none = knn_predict(torch.empty(0, 0), bank, labels, 5, k=7)  # no queries in this process
+    assert none.shape == (0,) and none.dtype == torch.int64
+    with pytest.raises(ValueError, match="bank is empty"):
+        knn_predict(queries, torch.empty(0, 0), labels[:0], 5)
+
+
+def test_extract_features_of_an_empty_loader():
+    feats, labels = extract_features(nn.Identity(), [], CPU, torch.float32)
+    assert feats.shape == (0, 0) and labels.shape == (0,) and labels.dtype == torch.int64
