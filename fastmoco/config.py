@@ -304,6 +304,15 @@ class EvalConfig:
     # (fastmoco export format=timm), or a timm model name (random init: the baseline).
     checkpoint: str = ""
     encoder: str = "query"  # query (what the authors keep) | key
+    name: Optional[str] = None  # the timm backbone expected: a checkpoint of another one stops
+    # For a timm name (random init): the architecture the pretrained run used, e.g.
+    # cifar_stem=true '+backbone_kwargs.channels=[16,32,64,128]' for the CPU demo's network.
+    cifar_stem: bool = False
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Re-estimate the backbone's BatchNorm statistics on this many train images (centre crops, no
+    # weight update) before it is frozen: for a random-init baseline, whose default statistics
+    # (mean 0, var 1) would understate it. 0: keep the backbone's own statistics.
+    bn_calibration_images: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)

@@ -212,3 +212,14 @@ def build_linear_loaders(cfg, rt) -> LinearLoaders:
         build_labelled_train_loader(kind, train, train_recipe, local, seed=cfg.run.seed, **kw),
         build_eval_loader(kind, test, data.image_size, mean_std.mean, mean_std.std, local, **kw),
         len(train.classes))
+
+
+def build_calibration_loader(cfg, rt, batch_size: int = 256) -> Iterable:
+    """Centre crops of `cfg.bn_calibration_images` train images, the same on every process."""
+    data = cfg.data
+    files = split_files(data, data.train_split, cfg.bn_calibration_images, cfg.run.seed + 1)
+    mean_std = get_recipe(data.recipe, data.image_size).query
+    return build_eval_loader(resolve_pipeline(cfg.pipeline), files, data.image_size, mean_std.mean,
+                             mean_std.std, batch_size, device=rt.device, dtype=rt.dtype,
+                             channels_last=cfg.run.channels_last,
+                             num_workers=num_workers(cfg.pipeline, rt.world_size))

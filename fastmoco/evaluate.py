@@ -18,10 +18,10 @@ from fastmoco import checkpoint as ckpt
 from fastmoco import resume
 from fastmoco.build import Runtime, init_runtime, seed_process
 from fastmoco.config import EvalConfig
-from fastmoco.data import build_feature_loaders, build_linear_loaders
+from fastmoco.data import build_calibration_loader, build_feature_loaders, build_linear_loaders
 from fastmoco.device import autocast
 from fastmoco.distributed import gather_rows, is_distributed
-from fastmoco.knn import distributed_knn_accuracy
+from fastmoco.knn import distributed_knn_accuracy, recalibrate_bn_
 from fastmoco.metrics import MetricsWriter, ProgressBar, setup_logging
 from fastmoco.momentum import lr_at
 from fastmoco.optim import set_lr
@@ -34,12 +34,20 @@ log = logging.getLogger("fastmoco")
 
 
 def frozen_backbone(cfg: EvalConfig, rt: Runtime) -> tuple[nn.Module, BackboneInfo]:
-    """The backbone to judge, on the device, channels-last, in eval mode, without gradients."""
-    backbone, info = load_backbone(cfg.checkpoint, encoder=cfg.encoder)
+    """The backbone to judge, on the device, channels-last, in eval mode, without gradients;
+    its BatchNorm statistics re-estimated first when cfg.bn_calibration_images asks for it."""
+    extra = {"cifar_stem": cfg.cifar_stem, "kwargs": dict(cfg.backbone_kwargs)} \
+        if cfg.cifar_stem or cfg.backbone_kwargs else {}
+    backbone, info = load_backbone(cfg.checkpoint, encoder=cfg.encoder, name=cfg.name, **extra)
     fmt = torch.channels_last if cfg.run.channels_last else torch.preserve_format
-    backbone.to(rt.device, memory_format=fmt).eval().requires_grad_(False)
-    log.info("backbone %s (%s encoder) from %s: %d features", info.name, info.encoder,
-             info.source, info.num_features)
+    backbone.to(rt.device, memory_format=fmt)
+    how = ""
+    if cfg.bn_calibration_images > 0:  # every process on the same images: identical statistics
+        seen = recalibrate_bn_(backbone, build_calibration_loader(cfg, rt), rt.device, rt.dtype)
+        how = f", BN statistics re-estimated on {seen} train images"
+    backbone.eval().requires_grad_(False)
+    log.info("backbone %s (%s encoder) from %s: %d features%s", info.name, info.encoder,
+             info.source, info.num_features, how)
     return backbone, info
 
 

@@ -67,6 +67,11 @@ def test_cached_probe_and_knn_commands(pretrained, tiny_cifar, tmp_path):
     assert 0 <= cached["top1"] <= cached["top5"] <= 100
     result = knn(eval_config(base + ["knn.k=20"]))
     assert 0 <= result["knn_top1"] <= 100
+    # The random-init baseline of the same architecture, its BN statistics from train images.
+    baseline = linear(eval_config(
+        common("resnet18", tiny_cifar, tmp_path / "r") + ["linear.mode=cached", "cifar_stem=true",
+        "+backbone_kwargs.channels=[8,16,32,64]", "bn_calibration_images=100"]))
+    assert baseline["source"] == "timm:resnet18" and 0 <= baseline["top1"] <= 100
 
 
 def test_the_cli_prints_the_result(pretrained, tiny_cifar, tmp_path):
@@ -84,6 +89,8 @@ def test_bad_input_stops_at_start(pretrained, tiny_cifar, tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         linear(eval_config(common(empty, tiny_cifar, tmp_path / "x")))
+    with pytest.raises(ValueError, match="resnet50"):  # the checkpoint holds a resnet18
+        linear(eval_config(common(pretrained, tiny_cifar, tmp_path / "z") + ["name=resnet50"]))
     # A val split whose classes are not the train split's: every label would shift.
     odd = tmp_path / "odd"
     shutil.copytree(tiny_cifar, odd, symlinks=True)

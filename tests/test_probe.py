@@ -49,3 +49,38 @@ def test_fit_is_deterministic_for_a_seed():
     a = fit_linear(x, y, 3, lr=0.1, weight_decay=0.0, epochs=3, seed=7)
     b = fit_linear(x, y, 3, lr=0.1, weight_decay=0.0, epochs=3, seed=7)
     assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
+def test_the_stacked_sweep_trains_each_pair_as_torch_sgd_would():
+    """fit_linear_grid against torch.optim.SGD on one nn.Linear per pair (same init, batches,
+    cosine lr, momentum 0.9, weight decay on weight and bias): the same layers to fp32 rounding."""
+    import math
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    from fastmoco.probe import fit_linear_grid
+
+    x, y = blobs(300, 4, 6, 1.0, seed=4)
+    pairs = [(0.1, 0.0), (0.3, 1e-3), (0.03, 1e-2)]
+    layers = fit_linear_grid(x, y, 4, lrs=[p[0] for p in pairs], weight_decays=[p[1] for p in pairs],
+                             epochs=3, batch_size=64, seed=5)
+    for (lr, wd), got in zip(pairs, layers):
+        g = torch.Generator().manual_seed(5)
+        ref = nn.Linear(6, 4)
+        with torch.no_grad():
+            ref.weight.copy_(torch.randn(4, 6, generator=g) * 0.01)
+            ref.bias.zero_()
+        opt = torch.optim.SGD(ref.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+        steps, total = 300 // 64, 3 * (300 // 64)
+        for step in range(total):
+            if step % steps == 0:
+                order = torch.randperm(300, generator=g)
+            idx = order[(step % steps) * 64:][:64]
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            opt.zero_grad()
+            F.cross_entropy(ref(x[idx]), y[idx]).backward()
+            opt.step()
+        torch.testing.assert_close(got.weight, ref.weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.bias, ref.bias, rtol=1e-5, atol=1e-6)
