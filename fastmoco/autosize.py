@@ -23,7 +23,8 @@ WARMUP_STEPS, TIMED_STEPS = 2, 4
 
 def step_seconds(cfg: TrainConfig, rt: Runtime) -> float:
     """Seconds of one training step of `cfg` on synthetic inputs (the best of the timed steps)."""
-    trainer = build_trainer(cfg, rt, steps=0)  # the run's own build and step, not compiled
+    eager = apply_overrides(cfg, ["run.compile=off"], rt.world_size)  # a compile per candidate: minutes
+    trainer = build_trainer(eager, rt, steps=0)  # the run's own build and step
     local = cfg.schedule.batch_size // rt.world_size
     loader = SyntheticTwoViewLoader(local * (WARMUP_STEPS + TIMED_STEPS), local,
                                     cfg.data.image_size, rt.device, rt.dtype, cfg.run.channels_last,

@@ -229,6 +229,10 @@ class TrainConfig:
 
         choose("run.loss_backend", self.run.loss_backend, INFONCE_BACKENDS)
         choose("run.ema_backend", self.run.ema_backend, EMA_BACKENDS)
+        if self.knn.enabled and self.knn.linear_probe and world_size > 1 and not self.data.knn_bank_max:
+            raise ValueError("knn.linear_probe gathers the kNN bank's features on every process: "
+                             "bound it with data.knn_bank_max (e.g. 50000), or knn.linear_probe=false "
+                             "and run fastmoco eval linear afterwards")
         d = self.data
         if d.name not in ("synthetic", "cifar10") and not d.root and default_data_root(d.name) is None:
             raise ValueError(f"data.name={d.name!r} has no folder: set data.root=/path/to/{d.name} "
@@ -291,6 +295,9 @@ class LinearConfig:
                              f"linear.lr={self.lr}: all must be positive")
         if not 0.0 < self.holdout < 1.0:
             raise ValueError(f"linear.holdout={self.holdout}: choose a fraction in (0, 1)")
+        if self.eval_every_epochs < 1 or self.cached_epochs < 1:
+            raise ValueError(f"linear.eval_every_epochs={self.eval_every_epochs}, linear.cached_epochs="
+                             f"{self.cached_epochs}: both must be at least 1")
 
     def lr_for(self, batch_size: int) -> float:
         return self.lr * (batch_size / self.base_batch if self.base_batch else 1.0)

@@ -86,20 +86,23 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Each tensor's rows of all processes, concatenated in rank order; the processes may hold
-    different numbers of rows (the last shard of a split is shorter). Carries no gradient."""
+    different numbers of rows, none included (an empty part may even be 0×0: the shape of the
+    others' rows is agreed first). Carries no gradient."""
     if not is_distributed() or get_world_size() == 1:
         return tensors
-    n = torch.tensor([tensors[0].shape[0]], device=tensors[0].device)
-    sizes = [torch.zeros_like(n) for _ in range(get_world_size())]
-    dist.all_gather(sizes, n)
-    most = int(max(s.item() for s in sizes))
     out = []
     for t in tensors:
-        padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=t.device)
-        padded[: t.shape[0]] = t
-        parts = [torch.empty_like(padded) for _ in sizes]
+        shape = torch.tensor(t.shape, device=t.device)
+        shapes = [torch.zeros_like(shape) for _ in range(get_world_size())]
+        dist.all_gather(shapes, shape)
+        rows = [int(s[0]) for s in shapes]
+        row_shape = max((tuple(int(d) for d in s[1:]) for s in shapes if s[0] > 0), default=t.shape[1:])
+        padded = torch.zeros((max(rows), *row_shape), dtype=t.dtype, device=t.device)
+        if t.shape[0]:
+            padded[: t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in rows]
         dist.all_gather(parts, padded)
-        out.append(torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]))
+        out.append(torch.cat([p[:n] for p, n in zip(parts, rows)]))
     return tuple(out)
 
 

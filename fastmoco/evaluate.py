@@ -21,7 +21,7 @@ from fastmoco.config import EvalConfig
 from fastmoco.data import build_calibration_loader, build_feature_loaders, build_linear_loaders
 from fastmoco.device import autocast
 from fastmoco.distributed import gather_rows, is_distributed
-from fastmoco.knn import distributed_knn_accuracy, recalibrate_bn_
+from fastmoco.knn import distributed_knn_accuracy, extract_features, recalibrate_bn_
 from fastmoco.metrics import MetricsWriter, ProgressBar, setup_logging
 from fastmoco.momentum import lr_at
 from fastmoco.optim import set_lr
@@ -51,15 +51,9 @@ def frozen_backbone(cfg: EvalConfig, rt: Runtime) -> tuple[nn.Module, BackboneIn
     return backbone, info
 
 
-@torch.no_grad()
 def extract(backbone: nn.Module, loader: Iterable, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features (fp32) and labels of this process's part of a split."""
-    feats, labels = [], []
-    for x, y in loader:
-        with autocast(rt.device, rt.dtype):
-            feats.append(backbone(x).float())
-        labels.append(y.to(rt.device))
-    return torch.cat(feats), torch.cat(labels)
+    """Pooled features (fp32) and labels of this process's part of a split (may be empty)."""
+    return extract_features(backbone, loader, rt.device, rt.dtype, normalize=False)
 
 
 def _start(cfg: EvalConfig) -> Runtime:
@@ -104,6 +98,28 @@ def _cached(cfg: EvalConfig, rt: Runtime, backbone: nn.Module, info: BackboneInf
             "backbone": info.name, "source": info.source}
 
 
+def _own_checkpoint(cfg: EvalConfig, info: BackboneInfo):
+    """The newest checkpoint in run.dir if it is this evaluation's: a classifier trained on this
+    backbone with these settings. Anything else there stops the run: resuming it would report
+    another run's classifier, and the checkpoint rotation would delete another run's files."""
+    latest = ckpt.latest_checkpoint(cfg.run.dir)
+    if latest is None:
+        return None
+    state = ckpt.load_checkpoint(latest)
+    if "classifier" not in state:
+        raise ValueError(f"run.dir={cfg.run.dir} holds pretraining checkpoints ({latest.name}): "
+                         f"give the evaluation its own run.dir")
+    saved, now = state.get("backbone", {}), dataclasses.asdict(info)
+    same = all(saved.get(k) == now[k] for k in ("name", "source", "encoder", "step", "kwargs"))
+    same = same and all(state["config"].get(k) == dataclasses.asdict(cfg)[k]
+                        for k in ("linear", "data", "encoder"))
+    if not same:
+        raise ValueError(f"run.dir={cfg.run.dir} holds the linear protocol of another backbone or "
+                         f"other settings ({latest.name}): give this evaluation its own run.dir, "
+                         f"or delete that folder to start over")
+    return latest
+
+
 @torch.no_grad()
 def evaluate(backbone: nn.Module, classifier: nn.Module, loader: Iterable,
              rt: Runtime) -> tuple[float, float]:
@@ -115,7 +131,7 @@ def evaluate(backbone: nn.Module, classifier: nn.Module, loader: Iterable,
         logits = classifier(f.float())
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top == y.to(rt.device)[:, None]
-        counts += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), torch.tensor(len(y))]).to(counts)
+        counts += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), hit.new_tensor(len(y), dtype=torch.long)]).to(counts)
     if is_distributed():
         dist.all_reduce(counts)
     return (100.0 * counts[0] / counts[2]).item(), (100.0 * counts[1] / counts[2]).item()
@@ -136,8 +152,8 @@ def _full(cfg: EvalConfig, rt: Runtime, backbone: nn.Module, info: BackboneInfo)
     optimizer = torch.optim.SGD(classifier.parameters(), lr=base_lr, momentum=lc.momentum,
                                 weight_decay=lc.weight_decay)
     progress = Progress(total_steps=lc.epochs * len(loaders.train))
-    latest = ckpt.latest_checkpoint(cfg.run.dir) if cfg.run.resume else None
-    if latest is not None:
+    latest = _own_checkpoint(cfg, info)
+    if latest is not None and cfg.run.resume:
         state = ckpt.load_checkpoint(latest)
         classifier.load_state_dict(state["classifier"])
         optimizer.load_state_dict(state["optimizer"])

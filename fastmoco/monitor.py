@@ -48,6 +48,8 @@ class KnnMonitor:
             # re-estimates on the same images (the calibration loader is not sharded), so the
             # copies agree (SyncBatchNorm, too, then averages identical batches).
             encoder = copy.deepcopy(encoder)
+            for m in encoder.modules():  # Module.compile's wrapper is bound to the original
+                m._compiled_call_impl = None
             seen = recalibrate_bn_(encoder, self.loaders.calibration, self.rt.device, self.rt.dtype)
             self.results["init_bn_images"] = seen
             how = f", BN statistics re-estimated on {seen} train images"

@@ -25,6 +25,14 @@ def read_latest(cfg: TrainConfig) -> tuple[Optional[Path], Optional[dict[str, An
     return path, (ckpt.load_checkpoint(path) if path is not None else None)
 
 
+def progress_of(state: dict[str, Any], cfg: TrainConfig) -> Progress:
+    """The checkpoint's progress; one written before `budgeted` existed had a time budget plan
+    exactly when it recorded a number of steps under a budget."""
+    p = dict(state["progress"])
+    p.setdefault("budgeted", bool(cfg.schedule.time_budget_min and p.get("total_steps")))
+    return Progress(**p)
+
+
 def gather_rng() -> list[dict[str, Any]]:
     """Every process's RNG states, in rank order (every process calls it)."""
     state = ckpt.rng_state()

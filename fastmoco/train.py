@@ -31,8 +31,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     cfg, size_index = choose_size(cfg, rt, state.get("size_index") if state else None)
     seed_process(cfg.run.seed, rt.rank)
     loader = build_loader(cfg, rt)
-    progress = Progress(**state["progress"]) if state else Progress(
+    progress = resume.progress_of(state, cfg) if state else Progress(
         total_steps=planned_steps(cfg, len(loader)))
+    if not progress.total_steps:  # a checkpoint from before its run's first time-budget plan
+        progress.total_steps = planned_steps(cfg, len(loader))
     trainer = build_trainer(cfg, rt, steps=progress.total_steps - progress.step)
     if state:
         resume.restore(path, state, trainer, cfg)
@@ -44,11 +46,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
              cfg.schedule.batch_size // rt.world_size, trainer.moco.shuffle_bn, len(loader),
              progress.total_steps)
 
+    budget = TimeBudget.for_run(cfg.schedule.time_budget_min, progress, rt.device)  # counts the kNN
     knn = KnnMonitor(cfg, rt, progress.knn)
     writer = MetricsWriter(Path(cfg.run.dir), enabled=rt.rank == 0)
     if cfg.knn.at_start and progress.step == 0 and "init" not in progress.knn:
         writer.log({"step": 0, "knn_top1": knn("init", trainer.moco)})
-    budget = TimeBudget.for_run(cfg.schedule.time_budget_min, progress, rt.device)
     stop, meter = StopFlag(), Throughput(cfg.schedule.batch_size, progress.step)
     bar = ProgressBar(rt.rank == 0 and cfg.run.progress, progress.total_steps, progress.step)
     save = lambda: resume.save(trainer, progress, cfg, size_index)
@@ -83,6 +85,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         save()
         return {"stopped": True, "step": progress.step}
     if "final" not in progress.knn:
+        save()  # the trained weights first: the final kNN and probe hold large feature banks
         writer.log({"step": progress.step, "knn_top1": knn("final", trainer.moco)})
     save()
     summary = {"step": progress.step, "epochs": progress.epoch,
@@ -109,3 +112,7 @@ def _report(out, progress: Progress, lr: float, m: float, meter: Throughput,
     writer.log({"step": progress.step, "epoch": progress.epoch, "loss": loss, "pretext_top1": acc,
                 "lr": lr, "momentum": m, "images_per_s": ips, "skipped_files": skipped})
     return {"loss": loss, "pretext_top1": acc, "images_per_s": ips}
+
+
+if __name__ == "__main__":  # the entry moved: say so rather than exit 0 having done nothing
+    raise SystemExit("run `python -m fastmoco train ...` (or `torchrun ... -m fastmoco train ...`)")

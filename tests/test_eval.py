@@ -89,6 +89,13 @@ def test_bad_input_stops_at_start(pretrained, tiny_cifar, tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         linear(eval_config(common(empty, tiny_cifar, tmp_path / "x")))
+    # run.dir holding another run: never resumed from, never rotated away.
+    with pytest.raises(ValueError, match="holds pretraining checkpoints"):
+        linear(eval_config(common(pretrained, tiny_cifar, pretrained)))
+    done = tmp_path / "done"
+    linear(eval_config(common(pretrained, tiny_cifar, done) + ["linear.epochs=1"]))
+    with pytest.raises(ValueError, match="holds the linear protocol of another backbone or other settings"):
+        linear(eval_config(common(pretrained, tiny_cifar, done) + ["linear.epochs=1", "linear.lr=3"]))
     with pytest.raises(ValueError, match="resnet50"):  # the checkpoint holds a resnet18
         linear(eval_config(common(pretrained, tiny_cifar, tmp_path / "z") + ["name=resnet50"]))
     # A val split whose classes are not the train split's: every label would shift.

@@ -226,3 +226,36 @@ def test_monitor_in_two_process_training_matches_one_process(tiny_cifar, tmp_pat
         assert set(knn) >= {"init", "final", "init_bn_images"} and knn["init_bn_images"] == 200
     assert summaries[2]["knn_init"] == summaries[1]["knn_init"]
     assert 0 < summaries[2]["knn_final"] <= 100
+
+
+def _gather_worker(rank: int, world: int, port: int, result) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from fastmoco.distributed import gather_rows
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        feats = torch.arange(12.0).view(3, 4) if rank == 0 else torch.empty(0, 0)  # an empty part
+        labels = torch.tensor([1, 2, 3]) if rank == 0 else torch.empty(0, dtype=torch.long)
+        f, l = gather_rows(feats, labels)
+        result[rank] = (f.tolist(), l.tolist())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_rows_takes_an_empty_part():
+    """A process with no rows of a split (fewer images than processes) still joins the gather."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = mp.Manager().dict()
+    mp.spawn(_gather_worker, args=(2, port, result), nprocs=2)
+    expected = (torch.arange(12.0).view(3, 4).tolist(), [1, 2, 3])
+    assert result[0] == expected and result[1] == expected

@@ -207,3 +207,16 @@ def test_the_loss_falls_over_50_steps_on_a_tiny_set(tiny_cifar, tmp_path):
     assert len(loss) == 50
     first, last = sum(loss[:10]) / 10, sum(loss[-10:]) / 10
     assert last < first - 0.2, (first, last)
+
+
+def test_checkpoints_from_before_the_budgeted_flag_keep_their_plan():
+    """A progress saved without `budgeted` had a plan exactly when it recorded a number of steps
+    under a time budget: resuming must not re-plan it from a fresh budget."""
+    from fastmoco.resume import progress_of
+
+    cfg = make_config(["experiment=cpu_demo"])
+    old = {"progress": {"step": 500, "epoch": 0, "batch_in_epoch": 500, "knn": {}, "total_steps": 1800,
+                        "schedule_length": 0, "anchor_step": 0, "anchor_position": 0.0}}
+    assert progress_of(old, cfg).budgeted
+    cfg.schedule.time_budget_min = None
+    assert not progress_of(old, cfg).budgeted
