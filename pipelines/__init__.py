@@ -43,19 +43,9 @@ def build_train_loader(kind: str, files: ImageList | ShardList, recipe: TwoViewR
                        num_workers: int = 2, rank: int = 0, world_size: int = 1, seed: int = 0) -> TwoViewLoader:
     """Two-view loader of `kind` ("torchvision" or "dali") over an image folder (ImageList) or tar
     shards (ShardList); DALI runs on the GPU when `device` is CUDA."""
-    if kind == "torchvision":
-        from .torchvision import TorchvisionTwoViewLoader
-
-        return TorchvisionTwoViewLoader(files, recipe, batch_size, device=device, dtype=dtype,
-                                        channels_last=channels_last, num_workers=num_workers, rank=rank,
-                                        world_size=world_size, seed=seed)
-    if kind == "dali":
-        from .dali import DaliShardTwoViewLoader, DaliTwoViewLoader
-
-        cls = DaliShardTwoViewLoader if isinstance(files, ShardList) else DaliTwoViewLoader
-        return cls(files, recipe, batch_size, device=device, dtype=dtype, channels_last=channels_last,
-                   num_workers=num_workers, rank=rank, world_size=world_size, seed=seed)
-    raise ValueError(f"unknown pipeline kind {kind!r}; choose one of {KINDS}")
+    return _build(kind, files, ("TorchvisionTwoViewLoader", "DaliTwoViewLoader", "DaliShardTwoViewLoader"),
+                  recipe, batch_size, device=device, dtype=dtype, channels_last=channels_last,
+                  num_workers=num_workers, rank=rank, world_size=world_size, seed=seed)
 
 
 def build_labelled_train_loader(kind: str, files: ImageList | ShardList, recipe: LinearRecipe, batch_size: int, *,
@@ -66,19 +56,9 @@ def build_labelled_train_loader(kind: str, files: ImageList | ShardList, recipe:
     flip, or RandomCrop with padding + flip; get_linear_recipe), normalised, with the two-view
     loaders' per-epoch order (set_epoch), disjoint rank shards, drop_last and bad-file handling.
     Tar shards need .cls labels."""
-    if kind == "torchvision":
-        from .torchvision import TorchvisionLabelledLoader
-
-        return TorchvisionLabelledLoader(files, recipe, batch_size, device=device, dtype=dtype,
-                                         channels_last=channels_last, num_workers=num_workers, rank=rank,
-                                         world_size=world_size, seed=seed)
-    if kind == "dali":
-        from .dali import DaliLabelledLoader, DaliShardLabelledLoader
-
-        cls = DaliShardLabelledLoader if isinstance(files, ShardList) else DaliLabelledLoader
-        return cls(files, recipe, batch_size, device=device, dtype=dtype, channels_last=channels_last,
-                   num_workers=num_workers, rank=rank, world_size=world_size, seed=seed)
-    raise ValueError(f"unknown pipeline kind {kind!r}; choose one of {KINDS}")
+    return _build(kind, files, ("TorchvisionLabelledLoader", "DaliLabelledLoader", "DaliShardLabelledLoader"),
+                  recipe, batch_size, device=device, dtype=dtype, channels_last=channels_last,
+                  num_workers=num_workers, rank=rank, world_size=world_size, seed=seed)
 
 
 def build_eval_loader(kind: str, files: ImageList | ShardList, size: int, mean, std, batch_size: int, *,
@@ -90,18 +70,24 @@ def build_eval_loader(kind: str, files: ImageList | ShardList, size: int, mean, 
     size / 0.875 from 128 px up; `size` itself below, an identity on CIFAR's 32 px), center crop
     `size`."""
     eval_resize(size, resize)  # fail here on a resize smaller than the crop
+    return _build(kind, files, ("TorchvisionEvalLoader", "DaliEvalLoader", "DaliShardEvalLoader"),
+                  size, mean, std, batch_size, device=device, dtype=dtype, channels_last=channels_last,
+                  num_workers=num_workers, rank=rank, world_size=world_size, resize=resize)
+
+
+def _build(kind: str, files: ImageList | ShardList, names: tuple[str, str, str], *args, **kwargs):
+    """The loader class of `kind` for `files` (torchvision; DALI over a folder or over tar shards),
+    imported only when asked for (DALI is optional), built with `args`."""
+    torchvision_name, dali_name, dali_shard_name = names
     if kind == "torchvision":
-        from .torchvision import TorchvisionEvalLoader
+        from . import torchvision
 
-        return TorchvisionEvalLoader(files, size, mean, std, batch_size, device=device, dtype=dtype,
-                                     channels_last=channels_last, num_workers=num_workers, rank=rank,
-                                     world_size=world_size, resize=resize)
+        return getattr(torchvision, torchvision_name)(files, *args, **kwargs)
     if kind == "dali":
-        from .dali import DaliEvalLoader, DaliShardEvalLoader
+        from . import dali
 
-        cls = DaliShardEvalLoader if isinstance(files, ShardList) else DaliEvalLoader
-        return cls(files, size, mean, std, batch_size, device=device, dtype=dtype, channels_last=channels_last,
-                   num_workers=num_workers, rank=rank, world_size=world_size, resize=resize)
+        name = dali_shard_name if isinstance(files, ShardList) else dali_name
+        return getattr(dali, name)(files, *args, **kwargs)
     raise ValueError(f"unknown pipeline kind {kind!r}; choose one of {KINDS}")
 
 
