@@ -54,9 +54,15 @@ def eval_knn_main(cfg: DictConfig) -> None:
               f"{summary['knn_top1']:.2f}%")
 
 
-def print_eval(summary: dict) -> None:
+def _stopped(summary: dict) -> bool:
+    """Say so when a run stopped early on a signal (training and evaluation alike)."""
     if summary.get("stopped"):
         print(f"stopped at step {summary['step']}; run the same command again to resume")
+    return bool(summary.get("stopped"))
+
+
+def print_eval(summary: dict) -> None:
+    if _stopped(summary):
         return
     what = "cached linear probe" if summary["mode"] == "cached" else "linear protocol"
     print(f"{what} of {summary['backbone']} from {summary['source']}: top-1 {summary['top1']:.2f}%, "
@@ -64,8 +70,7 @@ def print_eval(summary: dict) -> None:
 
 
 def print_summary(summary: dict) -> None:
-    if summary.get("stopped"):
-        print(f"stopped at step {summary['step']}; run the same command again to resume")
+    if _stopped(summary):
         return
     print(f"done: {summary['step']} steps, {summary['images_per_s']:.1f} images/s, "
           f"last loss {summary['loss']:.4f}, pretext top-1 {summary['pretext_top1']:.1f}%")

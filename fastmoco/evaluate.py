@@ -98,13 +98,13 @@ def _cached(cfg: EvalConfig, rt: Runtime, backbone: nn.Module, info: BackboneInf
             "backbone": info.name, "source": info.source}
 
 
-def _own_checkpoint(cfg: EvalConfig, info: BackboneInfo):
-    """The newest checkpoint in run.dir if it is this evaluation's: a classifier trained on this
-    backbone with these settings. Anything else there stops the run: resuming it would report
+def _own_checkpoint(cfg: EvalConfig, info: BackboneInfo) -> tuple[Any, Any]:
+    """(path, contents) of the newest checkpoint in run.dir if it is this evaluation's: a
+    classifier trained on this backbone with these settings; (None, None) without one. Anything else there stops the run: resuming it would report
     another run's classifier, and the checkpoint rotation would delete another run's files."""
     latest = ckpt.latest_checkpoint(cfg.run.dir)
     if latest is None:
-        return None
+        return None, None
     state = ckpt.load_checkpoint(latest)
     if "classifier" not in state:
         raise ValueError(f"run.dir={cfg.run.dir} holds pretraining checkpoints ({latest.name}): "
@@ -117,7 +117,7 @@ def _own_checkpoint(cfg: EvalConfig, info: BackboneInfo):
         raise ValueError(f"run.dir={cfg.run.dir} holds the linear protocol of another backbone or "
                          f"other settings ({latest.name}): give this evaluation its own run.dir, "
                          f"or delete that folder to start over")
-    return latest
+    return latest, state
 
 
 @torch.no_grad()
@@ -152,14 +152,14 @@ def _full(cfg: EvalConfig, rt: Runtime, backbone: nn.Module, info: BackboneInfo)
     optimizer = torch.optim.SGD(classifier.parameters(), lr=base_lr, momentum=lc.momentum,
                                 weight_decay=lc.weight_decay)
     progress = Progress(total_steps=lc.epochs * len(loaders.train))
-    latest = _own_checkpoint(cfg, info)
+    latest, state = _own_checkpoint(cfg, info)  # read once: checked, then resumed from
     if latest is not None and cfg.run.resume:
-        state = ckpt.load_checkpoint(latest)
         classifier.load_state_dict(state["classifier"])
         optimizer.load_state_dict(state["optimizer"])
         progress = Progress(**state["progress"])
         resume.restore_rng(state, rt.rank, rt.world_size, cfg.run.seed)
         log.info("resumed the linear protocol from %s at step %d", latest, progress.step)
+    del state
     save = lambda: resume.write(cfg.run, progress.step, {
         "classifier": classifier.state_dict(), "optimizer": optimizer.state_dict(),
         "progress": progress.to_dict(), "rng": resume.gather_rng(),
