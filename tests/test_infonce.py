@@ -249,3 +249,35 @@ def test_triton_cuda_matches_reference(n, c, k_rows, dtype):
     q, k, queue = (x.to(dev) for x in make(n, c, k_rows, dtype))
     check(run(lambda q_, *a: infonce_loss(q_, *a, backend="triton"), q, k, queue, 0.2),
           reference(q, k, queue, 0.2), dtype, n)
+
+
+def test_rowwise_function_scales_the_rows_gradient():
+    """kernels/rowwise.py on its own: a plain-torch rows function (per-row loss and dL/dq from
+    autograd on the reference logits) through RowwiseInfoNCE gives the reference loss, accuracy
+    and query gradient; its input checks name the fix."""
+    from fastmoco.kernels.rowwise import check_infonce_inputs, rowwise_infonce
+
+    def rows(q, pos, candidates, temperature, pos_offset, need_grad):
+        with torch.enable_grad():  # a Function's forward runs without grad mode
+            q = q.detach().requires_grad_()
+            logits = torch.cat([(q * pos).sum(1, keepdim=True), q @ candidates.T], dim=1) / temperature
+            loss_rows = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long), reduction="none")
+            (grad,) = torch.autograd.grad(loss_rows.sum(), q)
+        return loss_rows.detach(), logits.logsumexp(1).detach(), logits.argmax(1) == 0, grad
+
+    g = torch.Generator().manual_seed(3)
+    q = F.normalize(torch.randn(6, 8, generator=g), dim=1).requires_grad_()
+    k = F.normalize(torch.randn(6, 8, generator=g), dim=1)
+    queue = F.normalize(torch.randn(20, 8, generator=g), dim=1)
+    loss, acc = rowwise_infonce(rows, q, k, queue, 0.2, None)
+    loss.backward()
+    q_ref = q.detach().clone().requires_grad_()
+    loss_ref, acc_ref = infonce_loss_reference(q_ref, k, queue, 0.2)
+    loss_ref.backward()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(acc, acc_ref)
+    torch.testing.assert_close(q.grad, q_ref.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="feature dims differ"):
+        check_infonce_inputs(q, k[:, :4], queue, 0.2, "infonce")
+    with pytest.raises(ValueError, match="temperature must be a positive finite float"):
+        check_infonce_inputs(q, k, queue, 0.0, "infonce")
