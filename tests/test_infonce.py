@@ -100,6 +100,34 @@ def test_chunked_large_magnitude_tiny_temperature():
     check(got, reference(q, k, queue, 0.01), torch.float32, 9)
 
 
+@pytest.mark.parametrize("inbatch", [False, True])
+def test_chunked_switches_from_unshifted_to_shifted(inbatch, monkeypatch):
+    """Chunks of logits ≤ UNSHIFTED_MAX run unshifted; a later chunk above it (queue rows scaled
+    up) moves the row sums onto the shifted path mid-way. Both paths run; the result is exact."""
+    import fastmoco.kernels.chunked as chunked
+
+    q, k, queue = make(10, 32, 96, seed=11)
+    queue[64:] *= 80.0  # logits/T up to 80/0.2 = 400 from the third chunk of 32
+    exps = []
+    real_exp = torch.Tensor.exp_
+    monkeypatch.setattr(torch.Tensor, "exp_", lambda s: exps.append(s.shape) or real_exp(s))
+    subs = []
+    real_sub = torch.Tensor.sub_
+    monkeypatch.setattr(torch.Tensor, "sub_", lambda s, *a: subs.append(s.shape) or real_sub(s, *a))
+    if inbatch:
+        keys = torch.cat([queue[:32], F.normalize(q + 0.5 * torch.randn(10, 32), dim=1), queue[32:]])
+        got = run(lambda q_, kk: infonce_chunked(q_, kk[32:42], kk, 0.2, pos_offset=32, chunk=32),
+                  q, keys)
+        want = reference(q, None, keys, 0.2, offset=32)
+    else:
+        got = run(lambda q_, *a: infonce_chunked(q_, *a, chunk=32), q, k, queue, 0.2)
+        want = reference(q, k, queue, 0.2)
+    check(got, want, torch.float32, 10)
+    chunks = math.ceil((106 if inbatch else 96) / 32)
+    assert len(exps) == chunks and 0 < len(subs) < chunks  # some chunks each way
+    assert chunked.UNSHIFTED_MAX < 80.0 / 0.2
+
+
 def test_dispatch_backends_agree_on_cpu():
     q, k, queue = make(6, 32, 50, seed=7)
     want = reference(q, k, queue, 0.2)
