@@ -1,4 +1,5 @@
-"""Checkpoints: written atomically, found by step, loaded with weights_only=True."""
+"""Checkpoints: written atomically, found by step, checked and loaded with weights_only=True; an
+unreadable newest checkpoint gives way to the one before it."""
 from __future__ import annotations
 
 import logging
@@ -6,6 +7,7 @@ import os
 import random
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,8 +22,9 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over the target: a crash
-    leaves either the old checkpoint or the new one, never half of one."""
+    """Write to a temporary file in the same folder, fsync, rename over the target, fsync the
+    folder: a crash (or a power cut) leaves either the old checkpoint or the new one, never half
+    of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -33,6 +36,29 @@ def save_atomic(obj: dict[str, Any], path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable: until the folder itself is synced, a power cut can
+    bring back the old directory entry."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_writable(run_dir: str | Path) -> None:
+    """Raise OSError unless a checkpoint can be written into run_dir (read-only file system, no
+    permission); leftovers of writers killed mid-write (temporary names) are removed."""
+    d = checkpoint_dir(run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=d, prefix=".write_probe.", suffix=".tmp")
+    os.close(fd)
+    os.unlink(probe)
+    for stale in d.glob(".checkpoint_*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
@@ -60,6 +86,39 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load tensors and plain containers only: a checkpoint cannot run code on load."""
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise ValueError if a record of the file fails its CRC-32 (torch.save stores one per
+    record, torch.load does not check them): a flipped bit in the weights otherwise loads."""
+    with zipfile.ZipFile(path) as z:
+        bad = z.testzip()
+    if bad is not None:
+        raise ValueError(f"record {bad} fails its CRC-32 check")
+
+
+def read_newest(run_dir: str | Path) -> tuple[Optional[Path], Optional[dict[str, Any]]]:
+    """The newest checkpoint that reads back whole, and its contents; (None, None) without any.
+    Each unreadable one (truncated, empty, bit rot, not a checkpoint) is logged by name and
+    the one before it tried; if none reads, the error lists them all."""
+    failures = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+            state = load_checkpoint(path)
+            if not isinstance(state, dict) or "progress" not in state:
+                raise ValueError("it holds no run progress")
+            return path, state
+        except Exception as e:  # any reason a file does not read back is a reason to fall back
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'}"
+            log.warning("checkpoint %s cannot be read (%s): falling back to the one before it",
+                        path.name, reason)
+            failures.append(f"{path.name} ({reason})")
+    if failures:
+        raise RuntimeError(
+            f"no checkpoint in {checkpoint_dir(run_dir)} can be read: {'; '.join(failures)}. Move "
+            f"them aside to start over, or give this run another run.dir")
+    return None, None
 
 
 def rng_state() -> dict[str, Any]:

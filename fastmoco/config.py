@@ -196,7 +196,11 @@ class RunConfig:
     seed: int = 0
     log_every: int = 20
     checkpoint_every_epochs: int = 1
-    keep_checkpoints: int = 2
+    # Also checkpoint every this many steps / minutes (null: off). Written in the background; a
+    # step loses only the copy of the state into host memory (fastmoco/periodic.py).
+    checkpoint_every_steps: Optional[int] = None
+    checkpoint_every_min: Optional[float] = None
+    keep_checkpoints: int = 2  # at least 2: a resume falls back to the one before an unreadable one
     resume: bool = True
     progress: bool = True
 
@@ -209,6 +213,15 @@ class RunConfig:
         if self.log_every < 1 or self.checkpoint_every_epochs < 1:
             raise ValueError(f"run.log_every={self.log_every}, run.checkpoint_every_epochs="
                              f"{self.checkpoint_every_epochs}: both must be at least 1")
+        if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
+            raise ValueError(f"run.checkpoint_every_steps={self.checkpoint_every_steps}: choose a "
+                             f"positive number of steps, or null to turn step checkpoints off")
+        if self.checkpoint_every_min is not None and not self.checkpoint_every_min > 0:
+            raise ValueError(f"run.checkpoint_every_min={self.checkpoint_every_min}: choose a "
+                             f"positive number of minutes, or null to turn timed checkpoints off")
+        if self.keep_checkpoints < 2:
+            raise ValueError(f"run.keep_checkpoints={self.keep_checkpoints}: keep at least 2, so "
+                             f"that a resume can fall back to the one before an unreadable newest one")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -106,16 +107,77 @@ def gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
-@torch.no_grad()
-def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shuffle BN, step 1: gather the key images of all processes, permute them with one
-    permutation drawn on rank 0 and broadcast, and return this process's slice with the
-    indices that undo it. In one process this is a plain permutation of the batch."""
-    local = x.shape[0]
-    x_all = concat_all_gather(x)  # (W·N)×…
-    perm = torch.randperm(x_all.shape[0], device=x.device)
+def _draw_permutation(n_global: int, device: torch.device) -> torch.Tensor:
+    """Shuffle BN's permutation of the global key batch: drawn on every process (each advances
+    its own RNG the same way) and rank 0's broadcast, so all processes hold the same one."""
+    perm = torch.randperm(n_global, device=device)
     if is_distributed():
         dist.broadcast(perm, src=0)
+    return perm
+
+
+class ShufflePlan(NamedTuple):
+    """Who sends which key image where. Process p encodes global images perm[p·N:(p+1)·N] in
+    that order; global image g is row g mod N of process g div N."""
+
+    rows: torch.Tensor  # this process's rows in the order it sends them (grouped by destination)
+    order: torch.Tensor  # where each received image goes in the shuffled batch
+    send_counts: list[int]  # images to each process (rank order), own share included
+    recv_counts: list[int]  # images from each process
+
+
+def _exchange(x: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+    """Rows of `x` (grouped by destination) to the processes, in `send_counts` parts.
+
+    all_to_all_single because gloo (torch 2.14) takes its uneven splits, while its list form
+    (dist.all_to_all) rejects parts of different sizes; NCCL takes both: one code path."""
+    if not is_distributed() or get_world_size() == 1:
+        return x
+    x = x.contiguous()
+    out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+    dist.all_to_all_single(out, x, recv_counts, send_counts)
+    return out
+
+
+@torch.no_grad()
+def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, ShufflePlan]:
+    """Shuffle BN, step 1, with one all_to_all: every key image goes straight to the process
+    that encodes it ((W−1)/W·N images sent per process in expectation, instead of the (W−1)·N
+    an all_gather brings in). Same permutation, sub-batch and order as
+    `batch_shuffle_all_gather`, so the same keys bit for bit. Equal N on every process."""
+    n, world, rank = x.shape[0], get_world_size(), get_rank()
+    perm = _draw_permutation(world * n, x.device)
+    owner = perm // n  # the process each position's image lives on
+    where = torch.argsort(perm)[rank * n : (rank + 1) * n]  # the position of each of my images
+    rows = torch.argsort(where)  # my rows in position order, so grouped by destination
+    mine = owner[rank * n : (rank + 1) * n]
+    order = torch.argsort(mine, stable=True)  # received parts arrive in source-rank order
+    if world == 1:
+        counts = [[n]]
+    else:
+        # counts[src][dst]: one host sync of W² integers, needed by the collective's splits.
+        dst = torch.arange(world * n, device=x.device) // n
+        counts = torch.bincount(owner * world + dst, minlength=world * world).view(world, world).tolist()
+    plan = ShufflePlan(rows, order, counts[rank], [c[rank] for c in counts])
+    received = _exchange(x[rows], plan.send_counts, plan.recv_counts)
+    return torch.empty_like(x).index_copy_(0, order, received), plan
+
+
+@torch.no_grad()
+def batch_unshuffle(k: torch.Tensor, plan: ShufflePlan) -> torch.Tensor:
+    """Shuffle BN, step 2: the reverse all_to_all; each key returns to its image's process and row."""
+    back = _exchange(k[plan.order], plan.recv_counts, plan.send_counts)
+    return torch.empty_like(k).index_copy_(0, plan.rows, back)
+
+
+@torch.no_grad()
+def batch_shuffle_all_gather(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle BN as the paper's code does it (the reference for `batch_shuffle`): gather the
+    key images of all processes, permute them with the shared permutation, and return this
+    process's slice with the indices that undo it. In one process: a plain permutation."""
+    local = x.shape[0]
+    x_all = concat_all_gather(x)  # (W·N)×…
+    perm = _draw_permutation(x_all.shape[0], x.device)
     idx_unshuffle = torch.argsort(perm)
     rank = get_rank()
     mine = perm[rank * local : (rank + 1) * local]
@@ -123,8 +185,8 @@ def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
-    """Shuffle BN, step 2: gather the shuffled keys and restore this process's original rows."""
+def batch_unshuffle_all_gather(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
+    """Step 2 of `batch_shuffle_all_gather`: gather the shuffled keys, keep this process's rows."""
     local = x.shape[0]
     x_all = concat_all_gather(x)
     rank = get_rank()

@@ -13,16 +13,39 @@ import torch.distributed as dist
 from fastmoco import checkpoint as ckpt
 from fastmoco.build import Trainer
 from fastmoco.config import RunConfig, TrainConfig
-from fastmoco.distributed import get_world_size, is_distributed
+from fastmoco.distributed import broadcast_choice, get_world_size, is_distributed
 from fastmoco.progress import Progress
 
 log = logging.getLogger("fastmoco")
 
 
 def read_latest(cfg: TrainConfig) -> tuple[Optional[Path], Optional[dict[str, Any]]]:
-    """The run directory's newest checkpoint and its contents (read once), if resuming."""
-    path = ckpt.latest_checkpoint(Path(cfg.run.dir)) if cfg.run.resume else None
-    return path, (ckpt.load_checkpoint(path) if path is not None else None)
+    """The run directory's newest readable checkpoint and its contents (read once), if resuming;
+    an unreadable newer one is reported and skipped. Every process must pick the same one."""
+    path, state = ckpt.read_newest(cfg.run.dir) if cfg.run.resume else (None, None)
+    if is_distributed():
+        picked: list[Any] = [None] * get_world_size()
+        dist.all_gather_object(picked, path.name if path else None)
+        if len(set(picked)) > 1:
+            raise RuntimeError(
+                f"the processes found different checkpoints to resume from in run.dir="
+                f"{cfg.run.dir} ({', '.join(map(str, picked))} by rank): put run.dir on storage "
+                f"every node shares")
+    return path, state
+
+
+def check_run_dir(run: RunConfig, rank: int, device: torch.device) -> None:
+    """Stop at start, on every process, if rank 0 cannot write checkpoints into run.dir."""
+    error = None
+    if rank == 0:
+        try:
+            ckpt.check_writable(run.dir)
+        except OSError as e:
+            error = e
+    if broadcast_choice(int(error is not None), device):
+        raise PermissionError(
+            f"run.dir={run.dir} is not writable ({error or 'on rank 0'}): checkpoints could not "
+            f"be saved; set run.dir to a writable folder")
 
 
 def progress_of(state: dict[str, Any], cfg: TrainConfig) -> Progress:
@@ -43,10 +66,11 @@ def gather_rng() -> list[dict[str, Any]]:
     return out
 
 
-def save(trainer: Trainer, progress: Progress, cfg: TrainConfig,
-         size_index: Optional[int]) -> None:
-    """Checkpoint everything the next step needs; every process calls it (RNG states are gathered)."""
-    state = {
+def state_of(trainer: Trainer, progress: Progress, cfg: TrainConfig,
+             size_index: Optional[int]) -> dict[str, Any]:
+    """Everything the next step needs (the tensors are the live ones, not copies); every process
+    calls it (RNG states are gathered)."""
+    return {
         **trainer.state_dict(),
         "progress": progress.to_dict(),
         "rng": gather_rng(),
@@ -55,7 +79,13 @@ def save(trainer: Trainer, progress: Progress, cfg: TrainConfig,
         "size_index": size_index,
         "config": dataclasses.asdict(cfg),
     }
-    write(cfg.run, progress.step, state, trainer.runtime.rank)
+
+
+def save(trainer: Trainer, progress: Progress, cfg: TrainConfig,
+         size_index: Optional[int]) -> None:
+    """Checkpoint everything the next step needs, now; every process calls it."""
+    write(cfg.run, progress.step, state_of(trainer, progress, cfg, size_index),
+          trainer.runtime.rank)
 
 
 def write(run: RunConfig, step: int, state: dict[str, Any], rank: int) -> None:
@@ -88,6 +118,12 @@ def restore(path: Path, state: dict[str, Any], trainer: Trainer, cfg: TrainConfi
             f"{path} was trained with global batch {state['global_batch']} but "
             f"schedule.batch_size={cfg.schedule.batch_size}: keep the global batch to resume "
             f"(the per-process batch follows from it), or start a new run.dir")
+    queue = state.get("config", {}).get("method", {}).get("queue_size")
+    if cfg.method.version != "v3" and queue is not None and queue != cfg.method.queue_size:
+        raise ValueError(
+            f"{path} was trained with a queue of {queue} keys but method.queue_size="
+            f"{cfg.method.queue_size}: set method.queue_size={queue} to resume, or start a new "
+            f"run.dir")
     trainer.load_state_dict(state)
     restore_rng(state, trainer.runtime.rank, trainer.runtime.world_size, cfg.run.seed)
     p = state["progress"]

@@ -16,6 +16,7 @@ from fastmoco.build import (
 from fastmoco.config import TrainConfig
 from fastmoco.metrics import MetricsWriter, ProgressBar, Throughput, setup_logging
 from fastmoco.monitor import KnnMonitor
+from fastmoco.periodic import PeriodicCheckpoints
 from fastmoco.progress import Progress, epoch_batches
 from fastmoco.stop import StopFlag
 
@@ -27,6 +28,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     rt = init_runtime(cfg.run)
     setup_logging(rt.rank)
     cfg.check(rt.world_size, rt.device.type)
+    resume.check_run_dir(cfg.run, rt.rank, rt.device)
     path, state = resume.read_latest(cfg)
     cfg, size_index = choose_size(cfg, rt, state.get("size_index") if state else None)
     seed_process(cfg.run.seed, rt.rank)
@@ -53,7 +55,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         writer.log({"step": 0, "knn_top1": knn("init", trainer.moco)})
     stop, meter = StopFlag(), Throughput(cfg.schedule.batch_size, progress.step)
     bar = ProgressBar(rt.rank == 0 and cfg.run.progress, progress.total_steps, progress.step)
-    save = lambda: resume.save(trainer, progress, cfg, size_index)
+    checkpoints = PeriodicCheckpoints(trainer, progress, cfg, size_index, len(loader))
+    save = checkpoints.save_now  # waits for the periodic write in flight, then writes
     last: dict[str, float] = {"loss": math.nan, "pretext_top1": math.nan}
 
     while not (progress.finished or stop.requested):
@@ -71,13 +74,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                            top1=f"{last['pretext_top1']:.1f}", img_s=f"{last['images_per_s']:.1f}")
             else:
                 bar.update(progress.total_steps)
+            checkpoints.after_step()  # every N steps or minutes: copied now, written in the background
             if progress.finished or stop.poll():
                 break
         if progress.epoch > epoch and not progress.finished:  # the epoch ran to its end
             if knn.due(progress.epoch):
                 knn(f"epoch_{progress.epoch}", trainer.moco)
-            if progress.epoch % cfg.run.checkpoint_every_epochs == 0:
-                save()
+            checkpoints.after_epoch()
     bar.close()
 
     if stop.requested and not progress.finished:

@@ -158,3 +158,111 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     ckpt.set_rng_state(ckpt.load_checkpoint(path)["rng"])
     got = ([random.random() for _ in range(3)], torch.rand(3))
     assert got[0] == want[0] and torch.equal(got[1], want[1])
+
+
+def run_state(step):
+    """A checkpoint as training writes it, as far as read_newest looks: it holds the progress."""
+    return {**state(step), "progress": {"step": step}}
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def empty(path):
+    path.write_bytes(b"")
+
+
+def flip_a_weight_bit(path):
+    """Bit rot inside the tensor data: torch.load alone would load the wrong weights."""
+    data = bytearray(path.read_bytes())
+    w = state(20)["weights"]["w"].numpy().tobytes()
+    at = bytes(data).index(w)
+    data[at + 5] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def not_a_zip(path):
+    path.write_bytes(b"this is not a checkpoint" * 100)
+
+
+@pytest.mark.parametrize("damage", [truncate, empty, flip_a_weight_bit, not_a_zip])
+def test_unreadable_newest_falls_back_to_the_one_before(tmp_path, caplog, damage):
+    ckpt.save_checkpoint(tmp_path, 10, run_state(10))
+    newest = ckpt.save_checkpoint(tmp_path, 20, run_state(20))
+    damage(newest)
+    with caplog.at_level("WARNING"):
+        path, got = ckpt.read_newest(tmp_path)
+    assert path.name == "checkpoint_000000010.pt"
+    assert_state_equal(got, run_state(10))
+    assert "checkpoint_000000020.pt cannot be read" in caplog.text
+
+
+def test_bit_rot_in_the_weights_is_caught_by_the_crc(tmp_path):
+    path = ckpt.save_checkpoint(tmp_path, 20, run_state(20))
+    flip_a_weight_bit(path)
+    loaded = ckpt.load_checkpoint(path)  # torch.load checks no CRC: wrong weights, no error
+    assert not torch.equal(loaded["weights"]["w"], state(20)["weights"]["w"])
+    with pytest.raises(ValueError, match="CRC-32"):
+        ckpt.verify_checkpoint(path)
+
+
+def test_readable_newest_is_used(tmp_path):
+    ckpt.save_checkpoint(tmp_path, 10, run_state(10))
+    ckpt.save_checkpoint(tmp_path, 20, run_state(20))
+    path, got = ckpt.read_newest(tmp_path)
+    assert path.name == "checkpoint_000000020.pt"
+    assert_state_equal(got, run_state(20))
+    assert ckpt.read_newest(tmp_path / "elsewhere") == (None, None)
+
+
+def test_no_readable_checkpoint_names_them_all(tmp_path):
+    for step in (10, 20):
+        truncate(ckpt.save_checkpoint(tmp_path, step, run_state(step)))
+    with pytest.raises(RuntimeError, match=r"checkpoint_000000020.pt \(.*checkpoint_000000010.pt "
+                                           r"\(.*another run.dir"):
+        ckpt.read_newest(tmp_path)
+
+
+def test_rename_is_between_fsync_of_the_file_and_of_the_folder(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to name the synced files")
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = ckpt.save_checkpoint(tmp_path, 10, state(10))
+    (_, synced_file), (_, tmp, dst), (_, synced_dir) = events
+    assert synced_file == tmp and os.path.dirname(tmp) == str(path.parent)
+    assert dst == str(path)
+    assert synced_dir == str(path.parent.resolve())
+
+
+def test_check_writable_removes_leftovers_and_names_a_read_only_folder(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    d = ckpt.checkpoint_dir(tmp_path)
+    d.mkdir(parents=True)
+    (d / ".checkpoint_000000009.pt.abc123.tmp").write_bytes(b"partial")
+    ckpt.check_writable(tmp_path)
+    assert os.listdir(d) == []
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(d))
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(OSError, match="Read-only"):
+        ckpt.check_writable(tmp_path)
+    from fastmoco.config import RunConfig
+    from fastmoco.resume import check_run_dir
+
+    with pytest.raises(PermissionError, match=f"run.dir={tmp_path} is not writable.*Read-only"):
+        check_run_dir(RunConfig(dir=str(tmp_path)), 0, torch.device("cpu"))
