@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job on the embedded default: MoCo v2 + ResNet-18 on CIFAR-10. On a GPU the CIFAR
+# The main job: MoCo v2 + ResNet-18 on CIFAR-10 (experiment=cifar10_moco_v2, or cpu_demo). On a GPU the CIFAR
 # recipe (200 epochs); on a CPU the short demo schedule (about 10 minutes), ending with the kNN
 # accuracy against the same network at random init.
 train: setup

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fastmoco.backbone import has_batchnorm
-from fastmoco.config import SHUFFLE_BN_MODES, splits_bn
+from fastmoco.config import SHUFFLE_BN_MODES, SYNC_BN_VERSIONS, splits_bn
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +120,30 @@ def convert_split_bn_(module: nn.Module) -> nn.Module:
     return module
 
 
-def resolve_shuffle_bn(mode: str, world_size: int, backbone: nn.Module) -> str:
-    """'auto' → the paper's cross-process shuffle with several processes, split BN in one
-    process, nothing to do for a backbone without BatchNorm (ViT, ConvNeXt)."""
+def convert_sync_bn_(module: nn.Module) -> nn.Module:
+    """Every BatchNorm of `module` (a container) becomes a SyncBatchNorm sharing its parameters
+    and buffers, in place: torch's convert_sync_batchnorm, through timm's version, which keeps
+    the activation of timm's BatchNormAct2d (torch's would drop it)."""
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(module)
+
+
+def resolve_shuffle_bn(mode: str, world_size: int, backbone: nn.Module, version: str = "v2",
+                       device_type: str | None = None) -> str:
+    """'auto' → v1/v2: the paper's cross-process shuffle with several processes, split BN in one
+    process, nothing to do for a backbone without BatchNorm (ViT, ConvNeXt). v3: SyncBatchNorm
+    over the whole model with several CUDA processes (the authors' code); in one process plain
+    BN, which normalises over the global batch as SyncBatchNorm would; with several CPU
+    processes, where torch has no SyncBatchNorm, the cross-process shuffle, with a warning.
+    `device_type` is where the model will run."""
     if mode not in SHUFFLE_BN_MODES:
         raise ValueError(f"unknown shuffle_bn {mode!r}: choose one of {SHUFFLE_BN_MODES}")
+    if mode == "split" and not has_batchnorm(backbone):
+        raise ValueError(
+            f"method.shuffle_bn=split runs the backbone once per sub-batch so that each BatchNorm "
+            f"sees one sub-batch; {type(backbone).__name__} has no BatchNorm (a ViT or ConvNeXt "
+            f"normalises each token with LayerNorm): set method.shuffle_bn=auto or none")
     others = unsplittable_norms(backbone)
     if mode == "split" and others:
         raise ValueError(
@@ -135,6 +154,18 @@ def resolve_shuffle_bn(mode: str, world_size: int, backbone: nn.Module) -> str:
             f"with shuffle_bn=none")
     if mode != "auto":
         return mode
+    if version in SYNC_BN_VERSIONS:
+        if world_size == 1:
+            return "none"
+        if device_type == "cuda":
+            return "sync"
+        log.warning("MoCo %s synchronises BatchNorm over all processes, and torch's SyncBatchNorm "
+                    "runs on CUDA only: on %s each of the %d processes normalises over its own "
+                    "batch, with the keys shuffled between processes (method.shuffle_bn=ddp, v1/v2's "
+                    "shuffle BN) so that a query and its key do not share BN statistics. Train on "
+                    "GPUs for the authors' BN; set method.shuffle_bn=ddp or none to choose",
+                    version, device_type or "this device", world_size)
+        return "ddp"
     if not has_batchnorm(backbone):
         return "none"
     if not splits_bn(mode, world_size):

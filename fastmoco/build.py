@@ -74,10 +74,12 @@ def build_model(cfg: TrainConfig, rt: Runtime) -> MoCo:
     model = MoCo(
         cfg.backbone.name, version=m.version, dim=m.dim, queue_size=m.queue_size,
         momentum=m.momentum, temperature=m.temperature, shuffle_bn=m.shuffle_bn,
-        bn_splits=m.bn_splits, mlp_hidden=m.mlp_hidden, symmetric=m.symmetric,
-        cifar_stem=cfg.backbone.cifar_stem, backbone_kwargs=dict(cfg.backbone.kwargs),
+        bn_splits=m.bn_splits, mlp_hidden=m.mlp_hidden, predictor_hidden=m.predictor_hidden,
+        symmetric=m.symmetric, cifar_stem=cfg.backbone.cifar_stem,
+        pos_embed=cfg.backbone.pos_embed, freeze_patch_embed=cfg.backbone.freeze_patch_embed,
+        backbone_kwargs=dict(cfg.backbone.kwargs),
         loss_backend=cfg.run.loss_backend, ema_backend=cfg.run.ema_backend,
-        world_size=rt.world_size, compute_dtype=rt.dtype,
+        world_size=rt.world_size, compute_dtype=rt.dtype, device_type=rt.device.type,
     )
     fmt = torch.channels_last if cfg.run.channels_last else torch.preserve_format
     return model.to(rt.device, memory_format=fmt)

@@ -14,9 +14,11 @@ from fastmoco.distributed import is_main_process
 
 USAGE = """usage: fastmoco {train,bench,eval linear,eval knn,export} [overrides ...]
 
-  fastmoco train                                   # MoCo v2, ResNet-18, CIFAR-10 recipe
+  fastmoco train experiment=cifar10_moco_v2          # the MoCo authors' CIFAR-10 recipe
+  fastmoco train                                   # the defaults: MoCo v2's ImageNet settings
+                                                   # on CIFAR-10, ResNet-18 (no recipe)
   fastmoco train experiment=imagenet_moco_v2 data.root=/data/imagenet
-  fastmoco train backbone=vit_small_patch16_224 method=moco_v3 optim=adamw
+  fastmoco train experiment=imagenet_moco_v3_vit_small_300ep data.root=/data/imagenet
   fastmoco train --cfg job                         # print the composed config
   fastmoco bench backbone=resnet50 data=synthetic  # images/s and the step's time split
   fastmoco eval linear checkpoint=runs/cpu_demo linear=cifar linear.mode=cached

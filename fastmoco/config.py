@@ -14,11 +14,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 VERSIONS = ("v1", "v2", "v3")
+# Methods whose authors synchronise BatchNorm over all processes (SyncBatchNorm over the whole
+# model) instead of shuffling the keys between them.
+SYNC_BN_VERSIONS = ("v3",)
 MOMENTUM_SCHEDULES = ("constant", "cosine")
 SHUFFLE_BN_MODES = ("auto", "ddp", "split", "sync", "none")
 PIPELINES = ("auto", "dali", "torchvision")
 OPTIMIZERS = ("sgd", "lars", "adamw")
 LR_SCHEDULES = ("cosine", "step", "constant")
+POS_EMBEDS = ("learned", "sincos")
 KNN_FEATURES = ("head", "backbone")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 COMPILE = ("auto", "on", "off")
@@ -33,10 +37,14 @@ def choose(setting: str, value: Any, choices: tuple) -> None:
         raise ValueError(f"{setting}={value!r}: choose one of {', '.join(map(str, choices))}")
 
 
-def splits_bn(shuffle_bn: str, world_size: int) -> bool:
+def splits_bn(shuffle_bn: str, world_size: int, version: str = "v2") -> bool:
     """Whether the key encoder's BN runs split by sub-batch (one process, or asked for): the one
-    rule that the config check and the model (batchnorm.resolve_shuffle_bn) both follow."""
-    return shuffle_bn == "split" or (shuffle_bn == "auto" and world_size == 1)
+    rule that the config check and the model (batchnorm.resolve_shuffle_bn) both follow. A
+    method that synchronises BN (v3) splits only when asked: in one process its BN already
+    normalises over the global batch, as SyncBatchNorm does."""
+    if shuffle_bn == "split":
+        return True
+    return shuffle_bn == "auto" and world_size == 1 and version not in SYNC_BN_VERSIONS
 
 
 @dataclass
@@ -45,8 +53,9 @@ class MethodConfig:
 
     version: str = "v2"
     dim: int = 128
-    mlp_hidden: Optional[int] = None  # v2 MLP width; None = backbone width
-    queue_size: int = 65536  # K
+    mlp_hidden: Optional[int] = None  # v2 MLP width (None: backbone width); v3 MLPs (None: 4096)
+    predictor_hidden: Optional[int] = None  # v3 predictor width; None: mlp_hidden
+    queue_size: int = 65536  # K (v3 has no queue: 0)
     momentum: float = 0.999  # m
     momentum_schedule: str = "constant"  # constant | cosine (v3: m → 1)
     temperature: float = 0.2  # T
@@ -63,6 +72,17 @@ class MethodConfig:
         if self.version != "v3" and self.queue_size < 1:
             raise ValueError(f"method.queue_size={self.queue_size}: MoCo {self.version} needs a "
                              f"queue (e.g. 65536); only method.version=v3 runs without one")
+        if self.version == "v3" and self.queue_size != 0:
+            raise ValueError(f"method.queue_size={self.queue_size}: MoCo v3 has no queue (its "
+                             f"negatives are the in-batch keys of all processes): set "
+                             f"method.queue_size=0 (method=moco_v3 does)")
+        if self.predictor_hidden is not None and self.version != "v3":
+            raise ValueError(f"method.predictor_hidden={self.predictor_hidden}: MoCo "
+                             f"{self.version} has no predictor (only v3 has one): remove it")
+        for name in ("dim", "mlp_hidden", "predictor_hidden"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"method.{name}={value}: choose a positive width")
         if not 0.0 <= self.momentum <= 1.0:
             raise ValueError(f"method.momentum={self.momentum} must lie in [0, 1]")
         if self.temperature <= 0:
@@ -75,7 +95,14 @@ class BackboneConfig:
 
     name: str = "resnet18"
     cifar_stem: bool = False
+    # ViTs, as MoCo v3 trains them: fixed 2-D sin-cos position embeddings (sincos) instead of
+    # timm's learned ones, and the patch projection kept at its random init (--stop-grad-conv1).
+    pos_embed: str = "learned"  # learned | sincos
+    freeze_patch_embed: bool = False
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        choose("backbone.pos_embed", self.pos_embed, POS_EMBEDS)
 
 
 @dataclass
@@ -86,7 +113,7 @@ class DataConfig:
     root: Optional[str] = None
     train_split: str = "train"  # subfolder pretrained on (and the kNN bank)
     eval_split: Optional[str] = "test"  # labelled subfolder the kNN monitor classifies
-    recipe: str = "cifar"  # v1 | v2 | v3 | cifar (pipelines.recipes)
+    recipe: str = "cifar"  # v1 | v2 | v3 | v3_resnet | cifar (pipelines.recipes)
     image_size: int = 32
     max_images: Optional[int] = None  # pretrain on a fixed random subset
     knn_bank_max: Optional[int] = None  # kNN bank subset (None: whole train split)
@@ -119,12 +146,14 @@ class OptimConfig:
     base_batch: Optional[int] = None  # lr is per this many images (e.g. 256)
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW: torch's defaults, as MoCo v3's ViT runs
 
     def __post_init__(self) -> None:
         choose("optim.name", self.name, OPTIMIZERS)
         if self.lr <= 0:
             raise ValueError(f"optim.lr={self.lr} must be positive")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas={list(self.betas)}: each must lie in [0, 1)")
 
     def lr_for(self, batch_size: int) -> float:
         """The learning rate for a global batch: `lr`, scaled linearly when base_batch is set."""
@@ -270,7 +299,8 @@ class TrainConfig:
                 f"set method.queue_size={good} or change schedule.batch_size"
             )
         local = b // w
-        if splits_bn(self.method.shuffle_bn, w) and local % self.method.bn_splits != 0:
+        if splits_bn(self.method.shuffle_bn, w, self.method.version) and \
+                local % self.method.bn_splits != 0:
             raise ValueError(
                 f"batch per process {local} is not a multiple of method.bn_splits="
                 f"{self.method.bn_splits}: change one of them"

@@ -1,4 +1,6 @@
-"""Projection heads: v1's linear layer, v2's MLP, v3's projector and predictor."""
+"""Projection heads: v1's linear layer, v2's MLP, v3's projector and predictor.
+
+v3's heads are built as moco-v3's builder.py builds them: its ResNet and ViT variants differ."""
 from __future__ import annotations
 
 from torch import nn
@@ -16,7 +18,8 @@ def mlp_head(in_dim: int, dim: int, hidden: int | None = None) -> nn.Module:
 
 
 def bn_mlp(in_dim: int, dim: int, hidden: int, layers: int, last_bn: bool = True) -> nn.Module:
-    """MoCo v3: fc-BN-ReLU blocks, the last followed by a BN without affine parameters."""
+    """MoCo v3's `_build_mlp`: fc-BN-ReLU blocks (fc without bias), the last fc followed by a BN
+    without affine parameters when `last_bn`."""
     mods: list[nn.Module] = []
     for i in range(layers):
         d_in = in_dim if i == 0 else hidden
@@ -29,12 +32,28 @@ def bn_mlp(in_dim: int, dim: int, hidden: int, layers: int, last_bn: bool = True
     return nn.Sequential(*mods)
 
 
-def projection_head(version: str, in_dim: int, dim: int, hidden: int | None = None) -> nn.Module:
-    """The query/key projector for a MoCo version."""
+V3_HIDDEN = 4096  # --moco-mlp-dim
+
+
+def v3_projector(in_dim: int, dim: int, hidden: int | None = None, vit: bool = False) -> nn.Module:
+    """MoCo v3's projector: 3 layers after a ViT, 2 after a ResNet (in place of its fc), both
+    ending in BN without affine."""
+    return bn_mlp(in_dim, dim, hidden or V3_HIDDEN, layers=3 if vit else 2)
+
+
+def v3_predictor(dim: int, hidden: int | None = None, vit: bool = False) -> nn.Module:
+    """MoCo v3's predictor: 2 layers, ending in BN without affine for a ViT and without BN for a
+    ResNet (`last_bn=False`)."""
+    return bn_mlp(dim, dim, hidden or V3_HIDDEN, layers=2, last_bn=vit)
+
+
+def projection_head(version: str, in_dim: int, dim: int, hidden: int | None = None,
+                    vit: bool = False) -> nn.Module:
+    """The query/key projector for a MoCo version (`vit`: v3's ViT variant)."""
     if version == "v1":
         return linear_head(in_dim, dim)
     if version == "v2":
         return mlp_head(in_dim, dim, hidden)
     if version == "v3":
-        return bn_mlp(in_dim, dim, hidden or 4096, layers=3)
+        return v3_projector(in_dim, dim, hidden, vit)
     raise ValueError(f"unknown MoCo version {version!r}: choose v1, v2 or v3")

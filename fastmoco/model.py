@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmoco.backbone import create_backbone, feature_dim
+from fastmoco.backbone import adapt_vit_, create_backbone, feature_dim, is_vit
 from fastmoco.batchnorm import (
-    convert_split_bn_, forward_in_splits, resolve_shuffle_bn, split_norms,
+    convert_split_bn_, convert_sync_bn_, forward_in_splits, resolve_shuffle_bn, split_norms,
 )
 from fastmoco.distributed import (
     batch_shuffle, batch_unshuffle, concat_all_gather, get_rank,
 )
-from fastmoco.heads import bn_mlp, projection_head
+from fastmoco.heads import projection_head, v3_predictor
 from fastmoco.kernels import ema_update_, flatten_parameters_, infonce_inbatch_loss, infonce_loss
 from fastmoco.queue import KeyQueue
 from fastmoco.trace import traced
@@ -38,11 +38,14 @@ class MoCo(nn.Module):
     `forward(x_q, x_k)` runs Algorithm 1 up to the loss: momentum update, queries, keys
     (shuffle BN), InfoNCE over [k+, queue]/T. The caller enqueues `output.keys` after backward
     (`enqueue`), so the loss may keep a reference to the queue instead of copying it.
+    v3 (Chen, Xie and He, 2021) runs its own Algorithm 1 (`_forward_in_batch`), with the heads
+    of the authors' ResNet or ViT variant, chosen by the backbone's structure (`is_vit`).
 
     The model owns its placement: `.to(device, memory_format=...)` (any nn.Module move) keeps
     both encoders' parameters in one flat buffer each, and the queue in the dtype the loss runs
     in (`compute_dtype` on GPUs, where the fused loss then reads half the bytes; the parameters'
-    dtype elsewhere). `world_size` is the number of processes the model is trained on.
+    dtype elsewhere). `world_size` is the number of processes the model is trained on,
+    `device_type` (cpu | cuda) where: v3 synchronises BN over processes on CUDA only.
     """
 
     def __init__(
@@ -57,19 +60,27 @@ class MoCo(nn.Module):
         shuffle_bn: str = "auto",
         bn_splits: int = 8,
         mlp_hidden: int | None = None,
+        predictor_hidden: int | None = None,
         symmetric: bool = False,
         cifar_stem: bool = False,
+        pos_embed: str = "learned",
+        freeze_patch_embed: bool = False,
         backbone_kwargs: dict[str, Any] | None = None,
         loss_backend: str = "auto",
         ema_backend: str = "auto",
         world_size: int = 1,
         compute_dtype: torch.dtype = torch.float32,
+        device_type: str | None = None,
     ) -> None:
         super().__init__()
         if version not in ("v1", "v2", "v3"):
             raise ValueError(f"unknown MoCo version {version!r}: choose v1, v2 or v3")
         if isinstance(backbone, str):
-            backbone = create_backbone(backbone, cifar_stem=cifar_stem, **(backbone_kwargs or {}))
+            backbone = create_backbone(backbone, cifar_stem=cifar_stem, pos_embed=pos_embed,
+                                       freeze_patch_embed=freeze_patch_embed,
+                                       **(backbone_kwargs or {}))
+        else:
+            adapt_vit_(backbone, pos_embed=pos_embed, freeze_patch_embed=freeze_patch_embed)
         self.version = version
         self.momentum = momentum
         self.temperature = temperature
@@ -77,21 +88,25 @@ class MoCo(nn.Module):
         self.loss_backend = loss_backend
         self.ema_backend = ema_backend
         self.compute_dtype = compute_dtype
-        self.shuffle_bn = resolve_shuffle_bn(shuffle_bn, world_size, backbone)
+        self.shuffle_bn = resolve_shuffle_bn(shuffle_bn, world_size, backbone, version, device_type)
         if bn_splits < 1:
             raise ValueError(f"method.bn_splits={bn_splits}: choose 1 or more")
         self.bn_splits = bn_splits
         if self.shuffle_bn == "split":
             convert_split_bn_(backbone)
-        elif self.shuffle_bn == "sync":
-            backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
 
-        head = projection_head(version, feature_dim(backbone), dim, mlp_hidden)
+        vit = is_vit(backbone)
+        head = projection_head(version, feature_dim(backbone), dim, mlp_hidden, vit)
         self.query_encoder = nn.Sequential(backbone, head)
+        # v3 puts a predictor on the query side only.
+        self.predictor = v3_predictor(dim, predictor_hidden or mlp_hidden, vit) \
+            if version == "v3" else None
+        if self.shuffle_bn == "sync":  # the whole model, once the heads exist (moco-v3's main_moco.py)
+            convert_sync_bn_(self.query_encoder)
+            if self.predictor is not None:
+                convert_sync_bn_(self.predictor)
         self.key_encoder = copy.deepcopy(self.query_encoder)
         self.key_encoder.requires_grad_(False)
-        # v3 puts a predictor on the query side only.
-        self.predictor = bn_mlp(dim, dim, mlp_hidden or 4096, layers=2) if version == "v3" else None
         self.queue = KeyQueue(queue_size, dim) if version != "v3" else None
         self._place()
 
@@ -145,9 +160,9 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def _key(self, x: torch.Tensor) -> torch.Tensor:
         if self.shuffle_bn in ("ddp", "split"):
-            x, idx_unshuffle = batch_shuffle(x)
+            x, plan = batch_shuffle(x)
             k = _normalize(self._encode(self.key_encoder, x))  # N×C
-            return batch_unshuffle(k, idx_unshuffle)
+            return batch_unshuffle(k, plan)
         return _normalize(self._encode(self.key_encoder, x))
 
     @traced("loss")
@@ -167,6 +182,8 @@ class MoCo(nn.Module):
     ) -> MoCoOutput:
         """x_q, x_k: two augmented views, N×3×H×W. Returns loss, top-1 and the keys to enqueue."""
         self.momentum_update(self.momentum if momentum is None else momentum)
+        if self.queue is None:
+            return self._forward_in_batch(x_q, x_k)
         q = self._query(x_q)  # N×C
         k = self._key(x_k)  # N×C, no gradient
         if not self.symmetric:
@@ -175,10 +192,19 @@ class MoCo(nn.Module):
         q2, k2 = self._query(x_k), self._key(x_q)  # the views swap roles
         loss1, acc1 = self._contrast(q, k)
         loss2, acc2 = self._contrast(q2, k2)
-        keys = torch.cat([k, k2], dim=0)
-        if self.queue is not None:  # v3 has no queue to fill: no gather
-            keys = concat_all_gather(keys)
+        keys = concat_all_gather(torch.cat([k, k2], dim=0))
         return MoCoOutput(loss1 + loss2, (acc1 + acc2) / 2, keys)
+
+    def _forward_in_batch(self, x1: torch.Tensor, x2: torch.Tensor) -> MoCoOutput:
+        """MoCo v3's Algorithm 1 after the momentum update: q1, q2 = g(f_q(x1)), g(f_q(x2));
+        k1, k2 = f_k(x1), f_k(x2); loss = ctr(q1, k2) + ctr(q2, k1), each over the keys of all
+        processes. The encoders run in the authors' order (their BN running statistics follow
+        it). The keys returned are this process's, for the caller's API only: there is no queue."""
+        q1, q2 = self._query(x1), self._query(x2)  # N×C each
+        k1, k2 = self._key(x1), self._key(x2)  # N×C each, no gradient
+        loss1, acc1 = self._contrast(q1, k2)
+        loss2, acc2 = self._contrast(q2, k1)
+        return MoCoOutput(loss1 + loss2, (acc1 + acc2) / 2, torch.cat([k2, k1], dim=0))
 
     @traced("queue")
     @torch.no_grad()

@@ -69,6 +69,9 @@ RECIPES: dict[str, TwoViewRecipe] = {
     "v1": TwoViewRecipe(_V1, _V1),
     "v2": TwoViewRecipe(_V2, _V2),
     "v3": TwoViewRecipe(_V3, replace(_V3, blur_p=0.1, solarize_p=0.2)),
+    # MoCo v3's ResNet-50 commands (CONFIG.md: --crop-min=.2); its ViTs keep the 0.08 default.
+    "v3_resnet": TwoViewRecipe(replace(_V3, crop_scale=(0.2, 1.0)),
+                               replace(_V3, crop_scale=(0.2, 1.0), blur_p=0.1, solarize_p=0.2)),
     "cifar": TwoViewRecipe(_CIFAR, _CIFAR),
 }
 
@@ -131,6 +134,7 @@ LINEAR_RECIPES: dict[str, LinearRecipe] = {
     "v1": _LINEAR_IMAGENET,
     "v2": _LINEAR_IMAGENET,
     "v3": _LINEAR_IMAGENET,
+    "v3_resnet": _LINEAR_IMAGENET,
     "cifar": LinearRecipe(kind="pad_crop", size=32, padding=4, mean=CIFAR_MEAN, std=CIFAR_STD),
 }
 

@@ -140,11 +140,12 @@ def reference(version: str) -> tuple[torch.Tensor, dict]:
     for step, (x_q, x_k) in enumerate(global_batches()):
         moco.momentum_update(M)
         torch.manual_seed(perm_seed(step, 0))
-        q, k = query(x_q), key(x_k)
-        if moco.symmetric:
-            q2, k2 = query(x_k), key(x_q)
-            loss, keys = contrast(q, k) + contrast(q2, k2), None
+        if moco.queue is None:  # v3, in its authors' order: both queries, then both keys
+            q1, q2 = query(x_q), query(x_k)
+            k1, k2 = key(x_q), key(x_k)
+            loss, keys = contrast(q1, k2) + contrast(q2, k1), None
         else:
+            q, k = query(x_q), key(x_k)
             loss, keys = contrast(q, k), k
         opt.zero_grad()
         loss.backward()

@@ -198,7 +198,7 @@ def test_the_loss_falls_over_50_steps_on_a_tiny_set(tiny_cifar, tmp_path):
     CIFAR images: the mean loss of the last 10 steps is well below that of the first 10
     (measured 3.1 → 2.6 nats)."""
     cfg = make_config(FAST + [
-        f"data.root={tiny_cifar}", f"run.dir={tmp_path}", "method=moco_v3", "method.dim=32",
+        f"data.root={tiny_cifar}", f"run.dir={tmp_path}", "method=moco_v3", "method.queue_size=0", "method.dim=32",
         "method.mlp_hidden=64", "method.temperature=0.2", "optim=lars", "optim.lr=1.0",
         "optim.base_batch=null", "schedule.batch_size=32", "schedule.lr_schedule=constant",
         "schedule.max_steps=50", "run.precision=fp32", "knn.enabled=false"])
