@@ -76,7 +76,7 @@ class SyntheticTwoViewLoader:
     def __init__(self, images: int, batch_size: int, size: int, device: torch.device,
                  dtype: torch.dtype, channels_last: bool, seed: int) -> None:
         self.steps = max(1, images // batch_size)
-        self.skipped = 0
+        self.skipped, self.start = 0, 0
         g = torch.Generator(device="cpu").manual_seed(seed)
         shape = (batch_size, 3, size, size)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -86,11 +86,11 @@ class SyntheticTwoViewLoader:
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        pass
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.start = start
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for _ in range(self.steps):
+        for _ in range(self.start, self.steps):
             yield self._views[0], self._views[1]
 
 

@@ -51,10 +51,9 @@ class Progress:
 
 
 def epoch_batches(loader: Iterable, progress: Progress) -> Iterator:
-    """The current epoch's batches from where the run stands (the order is a function of seed and
-    epoch, so a mid-epoch resume skips the batches already trained); at its end, the next epoch."""
-    loader.set_epoch(progress.epoch)
-    for i, batch in enumerate(loader):
-        if i >= progress.batch_in_epoch:
-            yield batch
+    """The current epoch's batches from where the run stands: the loader starts the epoch at
+    batch `batch_in_epoch` (its order and augmentation are functions of the seed, the epoch and
+    the batch), not reading the batches already trained; at its end, the next epoch."""
+    loader.set_epoch(progress.epoch, start=progress.batch_in_epoch)
+    yield from loader
     progress.next_epoch()

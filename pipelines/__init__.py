@@ -21,7 +21,9 @@ class TwoViewLoader(Protocol):
 
     def __len__(self) -> int: ...  # steps per epoch (drop_last)
 
-    def set_epoch(self, epoch: int) -> None: ...  # reshuffle with seed + epoch; disjoint shard per rank
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Reshuffle with seed + epoch (disjoint shard per rank); iterate from batch `start` on, the
+        batches the full epoch has there, without reading the ones before it."""
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...  # N×3×H×W each
 
@@ -33,7 +35,9 @@ class LabelledLoader(Protocol):
 
     def __len__(self) -> int: ...  # steps per epoch (drop_last)
 
-    def set_epoch(self, epoch: int) -> None: ...  # reshuffle with seed + epoch; disjoint shard per rank
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Reshuffle with seed + epoch (disjoint shard per rank); iterate from batch `start` on, the
+        batches the full epoch has there, without reading the ones before it."""
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...  # N×3×H×W, N int64 labels
 

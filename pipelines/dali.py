@@ -6,20 +6,24 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
+import numpy as np
 import torch
 
+import nvidia.dali.fn as fn
+import nvidia.dali.types as types
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from .dali_graph import FileReader, Reader, ShardReader, eval_pipeline, labelled_pipeline, two_view_pipeline
-from .folder import ImageList, decode_check, epoch_steps, shard_indices
+from .dali_graph import (FileReader, RandomStates, Reader, ShardReader, eval_pipeline, labelled_pipeline,
+                         two_view_pipeline)
+from .folder import ImageList, check_start, decode_check, epoch_steps, shard_indices
 from .recipes import LinearRecipe, TwoViewRecipe
-from .seeds import dali_seed
-from .webdataset import ShardList, drop_samples, find_undecodable
+from .seeds import dali_seed, dali_states
+from .webdataset import MemberIndex, MemberReader, ShardEpoch, ShardList, drop_samples, find_undecodable
 
 log = logging.getLogger(__name__)
-SHUFFLE_BUFFER = 4096  # encoded samples the WebDataset reader shuffles in (~0.5 GB at ImageNet sizes)
+SHUFFLE_BUFFER = 4096  # samples of a shuffle window over tar shards (~0.5 GB of reads at ImageNet sizes)
 
 
 def dali_device(device: torch.device) -> int | None:
@@ -41,8 +45,9 @@ class DaliLoader:
         self.dtype, self.channels_last = dtype, channels_last
         self.num_threads, self.device_id, self.skipped = max(1, num_workers), dali_device(self.device), 0
 
-    def _iterator(self, pipe: Pipeline) -> DALIGenericIterator:
-        return DALIGenericIterator(pipe, list(self.outputs), reader_name="reader", auto_reset=False,
+    def _iterator(self, pipe: Pipeline, reader_name: str | None = "reader") -> DALIGenericIterator:
+        """Batches until the reader's epoch ends, or (reader_name None) until the source stops."""
+        return DALIGenericIterator(pipe, list(self.outputs), reader_name=reader_name, auto_reset=False,
                                    last_batch_policy=self.last_batch)
 
     def _to_torch(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,9 +57,12 @@ class DaliLoader:
 
 
 class DaliTrainBase(DaliLoader):
-    """Training loader skeleton: `steps` full batches per epoch from a pipeline seeded by (seed,
-    epoch, rank, step); a file DALI cannot decode is handed to the reader's _recover, then the
-    pipeline is rebuilt at the same step. Two views by default; DaliLabelled changes the outputs."""
+    """Training loader skeleton: `steps` full batches per epoch, from batch `start` on (set_epoch).
+    Batch `step` reads the files the epoch's order puts there and its random operators draw from
+    states seeded by (seed, epoch, rank, step) (RandomStates): a pipeline started at any batch
+    gives what one started at 0 gives from there, without reading the batches before it. A file
+    DALI cannot decode is handed to the reader's _recover, then the pipeline is rebuilt at the
+    same step. Two views by default; DaliLabelled changes the outputs."""
 
     outputs, last_batch = ("q", "k"), LastBatchPolicy.DROP
     labelled = False  # whether the readers carry labels
@@ -63,14 +71,15 @@ class DaliTrainBase(DaliLoader):
                  dtype: torch.dtype, channels_last: bool, num_workers: int, rank: int, world_size: int,
                  seed: int) -> None:
         super().__init__(batch_size, device=device, dtype=dtype, channels_last=channels_last, num_workers=num_workers)
-        self.recipe, self.steps, self.epoch = recipe, steps, 0
+        self.recipe, self.steps, self.epoch, self.start = recipe, steps, 0, 0
         self.rank, self.world_size, self.seed = rank, world_size, seed
 
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Read epoch `epoch` from its batch `start` on; the batches before it are not read."""
+        self.epoch, self.start = epoch, check_start(start, self.steps)
 
     def _start_epoch(self) -> None:
         """Fix what this epoch reads, before its first pipeline."""
@@ -83,21 +92,27 @@ class DaliTrainBase(DaliLoader):
         """Find and take out what DALI failed to decode, or raise."""
         raise NotImplementedError
 
-    def _pipeline(self, reader: Reader, seed: int) -> Pipeline:
+    def _states(self, step: int) -> RandomStates:
+        """The random operators' states of a pipeline that starts at `step`: its i-th batch's are step + i's."""
+        seed, epoch, rank = self.seed, self.epoch, self.rank
+        return RandomStates(lambda i, n: dali_states(seed, epoch, rank, step + i, n), self.batch_size)
+
+    def _pipeline(self, reader: Reader, step: int) -> Pipeline:
         return two_view_pipeline(reader, self.recipe, self.batch_size, device_id=self.device_id,
-                                 num_threads=self.num_threads, seed=seed, dtype=self.dtype)
+                                 num_threads=self.num_threads, seed=dali_seed(self.seed, self.epoch, self.rank, step),
+                                 dtype=self.dtype, states=self._states(step))
 
     def _batch(self, out: dict, reader: Reader) -> tuple[torch.Tensor, torch.Tensor]:
         return self._to_torch(out["q"]), self._to_torch(out["k"])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._start_epoch()
-        step, it, reader = 0, None, None
+        step, it, reader = self.start, None, None
         while step < self.steps:
             try:
                 if it is None:  # the iterator's constructor already runs the first batch
                     reader = self._reader(step)
-                    it = self._iterator(self._pipeline(reader, dali_seed(self.seed, self.epoch, self.rank, step)))
+                    it = self._iterator(self._pipeline(reader, step), reader.reader_name)
                 out = next(it)[0]
             except StopIteration:
                 break
@@ -116,9 +131,10 @@ class DaliLabelled:
     outputs = ("x", "y")
     labelled = True
 
-    def _pipeline(self, reader: Reader, seed: int) -> Pipeline:
+    def _pipeline(self, reader: Reader, step: int) -> Pipeline:
         return labelled_pipeline(reader, self.recipe, self.batch_size, device_id=self.device_id,
-                                 num_threads=self.num_threads, seed=seed, dtype=self.dtype)
+                                 num_threads=self.num_threads, seed=dali_seed(self.seed, self.epoch, self.rank, step),
+                                 dtype=self.dtype, states=self._states(step))
 
     def _batch(self, out: dict, reader: Reader) -> tuple[torch.Tensor, torch.Tensor]:
         return self._to_torch(out["x"]), reader.to_labels(out["y"]).to(self.device, non_blocking=True)
@@ -178,10 +194,46 @@ class DaliTwoViewLoader(DaliTrainBase):
         self.paths = done + self._substitute(rest)
 
 
+class MemberSource(Reader):
+    """Encoded images (and labels) of tar members through an external source: batch `step` of
+    the epoch holds the members at positions step·N .. step·N + N - 1 of `epoch` (ShardEpoch),
+    read by offset here, from batch `start` until `steps` (then StopIteration ends the epoch)."""
+
+    reader_name = None  # the iterator runs until the source stops
+
+    def __init__(self, epoch: ShardEpoch, members: MemberIndex, labels: list[int] | None, batch_size: int,
+                 start: int, steps: int) -> None:
+        self.epoch, self.members, self.labels, self.batch_size = epoch, members, labels, batch_size
+        self.start, self.steps, self.read = start, steps, MemberReader()
+
+    def __call__(self) -> list:
+        if self.labels is None:
+            return [fn.external_source(source=self.batch, batch=True, batch_info=True, dtype=types.UINT8)]
+        return list(fn.external_source(source=self.batch, batch=True, batch_info=True, num_outputs=2,
+                                       dtype=[types.UINT8, types.INT32]))
+
+    def batch(self, info) -> list[np.ndarray] | tuple[list[np.ndarray], list[np.ndarray]]:
+        step = self.start + info.iteration
+        if step >= self.steps:
+            raise StopIteration
+        samples = self.epoch.samples(step * self.batch_size, (step + 1) * self.batch_size)
+        data = [np.frombuffer(self.read(*self.members(int(g))), dtype=np.uint8) for g in samples]
+        if self.labels is None:
+            return data
+        return data, [np.array([self.labels[g]], dtype=np.int32) for g in samples]
+
+    def label(self, outputs: list):
+        return outputs[1]
+
+    def to_labels(self, y: torch.Tensor) -> torch.Tensor:
+        return y.view(-1).long()
+
+
 class DaliShardTwoViewLoader(DaliTrainBase):
     """TwoViewLoader over WebDataset shards. Each epoch permutes the shard order (seed + epoch, the
-    same on every rank); DALI then gives rank r the r-th contiguous 1/world_size slice of the samples
-    and shuffles it through a buffer of `shuffle_buffer` samples, so ranks read disjoint data."""
+    same on every rank); rank r reads the r-th contiguous 1/world_size slice of the samples in that
+    order, shuffled inside windows of `shuffle_buffer` samples (ShardEpoch), so ranks read disjoint
+    data and any batch's members are known without reading the ones before it."""
 
     def __init__(self, files: ShardList, recipe: TwoViewRecipe, batch_size: int, *, device: torch.device,
                  dtype: torch.dtype, channels_last: bool, num_workers: int, rank: int, world_size: int,
@@ -193,15 +245,16 @@ class DaliShardTwoViewLoader(DaliTrainBase):
         super().__init__(recipe, batch_size, steps, device=device, dtype=dtype, channels_last=channels_last,
                          num_workers=num_workers, rank=rank, world_size=world_size, seed=seed)
         self.shards, self.buffer = files, shuffle_buffer
+        self.order: ShardEpoch | None = None
+        self.members: MemberIndex | None = None
 
-    def epoch_shards(self) -> tuple[list[str], list[str]]:
-        """(tars, indexes) in this epoch's order."""
-        order = self.shards.epoch_order(self.seed, self.epoch)
-        return [self.shards.tars[i] for i in order], [self.shards.indexes[i] for i in order]
+    def _start_epoch(self) -> None:
+        self.order = ShardEpoch(self.shards.counts, self.rank, self.world_size, self.seed, self.epoch, self.buffer)
+        self.members = MemberIndex(self.shards)
 
     def _reader(self, step: int) -> Reader:
-        return ShardReader(*self.epoch_shards(), labeled=self.labelled, shard_id=self.rank,
-                           num_shards=self.world_size, shuffle_buffer=self.buffer)
+        return MemberSource(self.order, self.members, self.shards.labels if self.labelled else None,
+                            self.batch_size, step, self.steps)
 
     def _recover(self, step: int, error: Exception) -> None:
         bad = find_undecodable(self.shards)
@@ -211,9 +264,10 @@ class DaliShardTwoViewLoader(DaliTrainBase):
                                f"pipeline=torchvision. DALI said: {error}") from error
         n = drop_samples(self.shards, bad)
         self.skipped += n
+        self._start_epoch()  # the slices move by the dropped count
         first = next(f"{t}:{k} ({r})" for t, b in bad.items() for k, r in b.items())
         log.warning("DALI failed to decode %d WebDataset samples (first: %s); dropped them from the index and "
-                    "restarted the epoch's reader (the rest of this epoch may repeat samples)", n, first)
+                    "went on at the same step (the rest of this epoch may repeat samples)", n, first)
 
 
 class DaliLabelledLoader(DaliLabelled, DaliTwoViewLoader):

@@ -4,8 +4,9 @@ the loaders and for graph_check alike."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 import nvidia.dali.fn as fn
@@ -31,8 +32,48 @@ def decode(encoded, gpu: bool):
     return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
 
 
+class RandomStates:
+    """Per-batch states of a graph's random operators, fed from outside the pipeline through
+    DALI's `_random_state` argument (as DALI's dynamic mode feeds them): the k-th random operator
+    built reads row k of `draw(iteration, n)` (n×7 uint32 Philox states) at the pipeline's
+    iteration-th batch, the same row for every sample (DALI derives each sample's stream from it
+    and the sample's place in the batch). A batch's draws are then a function of `draw`'s answer
+    for it, not of the batches the pipeline ran before: a pipeline started at batch b gives the
+    batches one started at 0 gives from b on."""
+
+    def __init__(self, draw: Callable[[int, int], np.ndarray], batch_size: int) -> None:
+        self.draw, self.batch_size, self.node, self.count = draw, batch_size, None, 0
+
+    def attach(self) -> None:
+        """The external source of the states, made in the graph being defined, before any use."""
+        self.node = fn.external_source(source=self, batch=True, batch_info=True, dtype=types.UINT32)
+
+    def next(self) -> dict:
+        self.count += 1
+        return {"_random_state": self.node[self.count - 1]}
+
+    def __call__(self, info) -> list[np.ndarray]:
+        states = np.ascontiguousarray(self.draw(info.iteration, self.count), dtype=np.uint32)
+        return [states] * self.batch_size
+
+
+_states: RandomStates | None = None  # of the graph being defined; None: operators seeded by the pipeline
+
+
+def _use_states(states: RandomStates | None) -> None:
+    global _states
+    _states = states
+    if states is not None:
+        states.attach()
+
+
+def _rand() -> dict:
+    """The next random operator's `_random_state` argument, or none."""
+    return _states.next() if _states is not None else {}
+
+
 def _coin(p: float):
-    return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
+    return fn.cast(fn.random.coin_flip(probability=p, **_rand()), dtype=types.FLOAT)
 
 
 def color(images, view: ViewRecipe):
@@ -50,9 +91,9 @@ def color(images, view: ViewRecipe):
         on = 1.0 if view.jitter_p >= 1 else _coin(view.jitter_p)  # one coin for all four factors
         for name, x in (("brightness", b), ("contrast", c), ("saturation", s)):
             if x > 0:
-                kw[name] = 1.0 + on * (fn.random.uniform(range=[max(0.0, 1 - x), 1 + x]) - 1.0)
+                kw[name] = 1.0 + on * (fn.random.uniform(range=[max(0.0, 1 - x), 1 + x], **_rand()) - 1.0)
         if h > 0:
-            kw["hue"] = on * fn.random.uniform(range=[-h * HUE_DEGREES, h * HUE_DEGREES])
+            kw["hue"] = on * fn.random.uniform(range=[-h * HUE_DEGREES, h * HUE_DEGREES], **_rand())
     if view.grayscale_p > 0:
         keep = 1.0 - _coin(view.grayscale_p)
         kw["saturation"] = kw["saturation"] * keep if "saturation" in kw else keep
@@ -65,7 +106,7 @@ def blur(images, view: ViewRecipe):
     No fixed window: DALI sizes each sample's window from its sigma (2·ceil(3σ)+1, 99.7 % of the
     kernel's mass). A 23-px window (10 % of 224) holds the same kernel padded with near-zero taps
     and cost twice the time of the whole rest of the view on the CPU."""
-    return fn.gaussian_blur(images, sigma=fn.random.uniform(range=list(view.blur_sigma)))
+    return fn.gaussian_blur(images, sigma=fn.random.uniform(range=list(view.blur_sigma), **_rand()))
 
 
 def solarize(images):
@@ -77,24 +118,24 @@ def solarize(images):
 def augment_view(images, view: ViewRecipe, dtype: types.DALIDataType):
     """One view: crop, jitter+gray, blur, solarize, then flip+normalise to HWC `dtype`."""
     images = fn.random_resized_crop(images, size=[view.size, view.size], random_area=list(view.crop_scale),
-                                    random_aspect_ratio=list(view.crop_ratio), antialias=True)
+                                    random_aspect_ratio=list(view.crop_ratio), antialias=True, **_rand())
     images = color(images, view)
     if view.blur_p >= 1:
         images = blur(images, view)
     elif view.blur_p > 0:
-        if fn.random.coin_flip(probability=view.blur_p, dtype=types.BOOL):
+        if fn.random.coin_flip(probability=view.blur_p, dtype=types.BOOL, **_rand()):
             images = blur(images, view)
     if view.solarize_p >= 1:
         images = solarize(images)
     elif view.solarize_p > 0:
-        if fn.random.coin_flip(probability=view.solarize_p, dtype=types.BOOL):
+        if fn.random.coin_flip(probability=view.solarize_p, dtype=types.BOOL, **_rand()):
             images = solarize(images)
     return flip_normalize(images, view.flip_p, view.mean, view.std, dtype)
 
 
 def flip_normalize(images, flip_p: float, mean, std, dtype: types.DALIDataType):
     """Horizontal flip with probability flip_p, then (x/255 - mean) / std as HWC `dtype`."""
-    mirror = fn.random.coin_flip(probability=flip_p) if flip_p > 0 else 0
+    mirror = fn.random.coin_flip(probability=flip_p, **_rand()) if flip_p > 0 else 0
     return fn.crop_mirror_normalize(images, dtype=dtype, output_layout="HWC", mirror=mirror,
                                     mean=[255 * m for m in mean], std=[255 * s for s in std])
 
@@ -106,7 +147,7 @@ def pad_crop(encoded, images, size: int, padding: int):
     CPU (the slice's window is a CPU argument input, the pixels stay on the decoder's device)."""
     hw = fn.peek_image_shape(encoded)[0:2]  # H, W (EXIF orientation applied, as the decoder)
     room = dmath.max(hw + (2 * padding - size), 0)  # a smaller image is padded at the bottom/right too
-    k = dmath.min(dmath.floor(fn.random.uniform(range=[0.0, 1.0], shape=[2]) * (room + 1)), room)
+    k = dmath.min(dmath.floor(fn.random.uniform(range=[0.0, 1.0], shape=[2], **_rand()) * (room + 1)), room)
     return fn.slice(images, start=fn.cast(k - padding, dtype=types.INT32), shape=[size, size], axis_names="HW",
                     out_of_bounds_policy="pad", fill_values=0)
 
@@ -157,6 +198,8 @@ def ascii_ints(x: torch.Tensor) -> torch.Tensor:
 
 class Reader:
     """Adds the graph's reader (named "reader": the iterator sizes the epoch by it); knows its labels."""
+
+    reader_name = "reader"  # None for a source that ends the epoch itself (StopIteration)
 
     def __call__(self) -> list:
         raise NotImplementedError
@@ -218,39 +261,51 @@ class ShardReader(Reader):
 
 
 @pipeline_def(enable_conditionals=True)
-def _two_view(read: Reader, recipe: TwoViewRecipe, gpu: bool, dtype: types.DALIDataType):
+def _two_view(read: Reader, recipe: TwoViewRecipe, gpu: bool, dtype: types.DALIDataType, states: RandomStates | None):
+    _use_states(states)
     images = decode(read()[0], gpu)
     return augment_view(images, recipe.query, dtype), augment_view(images, recipe.key, dtype)
 
 
 def two_view_pipeline(files: Sequence[str] | Reader, recipe: TwoViewRecipe, batch_size: int, *,
                       device_id: int | None, num_threads: int = 2, seed: int = 0,
-                      dtype: torch.dtype = torch.float32, gpu: bool | None = None) -> Pipeline:
+                      dtype: torch.dtype = torch.float32, gpu: bool | None = None,
+                      states: RandomStates | None = None) -> Pipeline:
     """Two views of what `files` reads (paths, in order, or a Reader): device_id=None -> all-CPU
-    graph, int -> mixed decode + GPU ops.
+    graph, int -> mixed decode + GPU ops. The random operators draw from `states` (per batch),
+    else from streams seeded by `seed` once for the pipeline.
 
     `gpu` overrides the placement (gpu=True with device_id=None builds a GPU graph that can be
     serialized, not run, without CUDA: see graph_check)."""
     read = files if isinstance(files, Reader) else FileReader(list(files))
     gpu = device_id is not None if gpu is None else gpu
-    return _two_view(read, recipe, gpu, output_dtype(dtype), batch_size=batch_size, num_threads=num_threads,
-                     device_id=device_id, seed=seed % 2**31, prefetch_queue_depth=2, exec_dynamic=True)
+    try:
+        return _two_view(read, recipe, gpu, output_dtype(dtype), states, batch_size=batch_size,
+                         num_threads=num_threads, device_id=device_id, seed=seed % 2**31, prefetch_queue_depth=2,
+                         exec_dynamic=True)
+    finally:
+        _use_states(None)
 
 
 @pipeline_def
-def _labelled(read: Reader, recipe: LinearRecipe, gpu: bool, dtype: types.DALIDataType):
+def _labelled(read: Reader, recipe: LinearRecipe, gpu: bool, dtype: types.DALIDataType, states: RandomStates | None):
+    _use_states(states)
     out = read()
     return linear_view(out[0], decode(out[0], gpu), recipe, dtype), read.label(out)
 
 
 def labelled_pipeline(read: Reader, recipe: LinearRecipe, batch_size: int, *, device_id: int | None,
                       num_threads: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32,
-                      gpu: bool | None = None) -> Pipeline:
+                      gpu: bool | None = None, states: RandomStates | None = None) -> Pipeline:
     """(linear-probe training views, labels) of what `read` reads (a Reader with labels); placed
-    as two_view_pipeline (labels stay on the CPU)."""
+    and seeded as two_view_pipeline (labels stay on the CPU)."""
     gpu = device_id is not None if gpu is None else gpu
-    return _labelled(read, recipe, gpu, output_dtype(dtype), batch_size=batch_size, num_threads=num_threads,
-                     device_id=device_id, seed=seed % 2**31, prefetch_queue_depth=2, exec_dynamic=True)
+    try:
+        return _labelled(read, recipe, gpu, output_dtype(dtype), states, batch_size=batch_size,
+                         num_threads=num_threads, device_id=device_id, seed=seed % 2**31, prefetch_queue_depth=2,
+                         exec_dynamic=True)
+    finally:
+        _use_states(None)
 
 
 @pipeline_def

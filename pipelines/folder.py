@@ -226,6 +226,14 @@ def epoch_steps(n: int, batch_size: int, rank: int, world_size: int, unit: str =
     return steps
 
 
+def check_start(start: int, steps: int) -> int:
+    """`start` when an epoch of `steps` batches can start there (start == steps: nothing left)."""
+    if not 0 <= start <= steps:
+        raise ValueError(f"cannot start an epoch of {steps} batches at batch {start}; a checkpoint's batch_in_epoch "
+                         f"must come from a run with the same data, batch size and world size")
+    return start
+
+
 def shard_indices(n: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int) -> list[int]:
     """Rank's indices for one epoch: a permutation seeded by seed + epoch, cut to whole global
     batches (drop_last), strided over ranks so that shards are disjoint and cover the kept part."""

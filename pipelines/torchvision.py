@@ -3,6 +3,7 @@ in workers, normalisation on the device."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2 as T
 
-from .folder import ImageList, shard_indices
+from .folder import ImageList, check_start, shard_indices
 from .webdataset import ShardList, TarImageLoader
 from .recipes import SOLARIZE_THRESHOLD, LinearRecipe, TwoViewRecipe, ViewRecipe, eval_resize
 from .seeds import sample_seed
@@ -157,22 +158,23 @@ def sources(files: ImageList | ShardList) -> tuple[list, list[int], Callable[...
 
 
 class EpochShardSampler(Sampler[int]):
-    """Per-epoch permutation (seed + epoch), whole global batches only, strided over ranks."""
+    """Per-epoch permutation (seed + epoch), whole global batches only, strided over ranks; from
+    sample `start` of rank's order on (set_epoch), the ones before it never drawn."""
 
     def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int) -> None:
         self.n, self.batch_size, self.rank, self.world_size, self.seed = n, batch_size, rank, world_size, seed
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
         self.length = len(shard_indices(n, batch_size, rank, world_size, seed, 0))
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.length
+        return self.length - self.start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = shard_indices(self.n, self.batch_size, self.rank, self.world_size, self.seed, self.epoch)
-        return iter([(i, self.epoch) for i in order])
+        return iter([(i, self.epoch) for i in order[self.start :]])
 
 
 class DeviceNormalizer:
@@ -190,6 +192,14 @@ class DeviceNormalizer:
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
 
+def own_process_group(_worker_id: int) -> None:
+    """DataLoader worker_init_fn: a worker in a process group of its own. torch makes a worker die
+    on any SIGTERM its parent did not send, so a SIGTERM to the run's group (a terminal, `kill
+    -TERM -PGID`, torchrun passing on its own) would kill the workers before the training process
+    could checkpoint; the parent still ends its workers itself."""
+    os.setpgid(0, 0)
+
+
 class TorchvisionTrainBase:
     """What the torchvision training loaders share: the epoch sampler (seed + epoch, disjoint rank
     shards, drop_last), the DataLoader and the `skipped` count of files replaced."""
@@ -202,14 +212,17 @@ class TorchvisionTrainBase:
             dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
             num_workers=num_workers, pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=own_process_group if num_workers > 0 else None,
         )
-        self.skipped = 0
+        self.skipped, self.steps = 0, self.sampler.length // batch_size
 
     def __len__(self) -> int:
-        return len(self.sampler) // self.loader.batch_size
+        return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Read epoch `epoch` from its batch `start` on: each sample's view is a function of (seed,
+        epoch, index), so the batches from `start` are the full epoch's; those before are not read."""
+        self.sampler.set_epoch(epoch, check_start(start, self.steps) * self.loader.batch_size)
 
     def _batches(self) -> Iterator[tuple]:
         """The DataLoader's batches without their last field, the count of files replaced."""
@@ -269,7 +282,8 @@ class TorchvisionEvalLoader:
         dataset = EvalDataset([items[i] for i in shard], [labels[i] for i in shard], size, load, resize)
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
                                  num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
-                                 persistent_workers=num_workers > 0)
+                                 persistent_workers=num_workers > 0,
+                                 worker_init_fn=own_process_group if num_workers > 0 else None)
         self.norm = DeviceNormalizer(mean, std, torch.device(device), dtype, channels_last)
         self.device = torch.device(device)
         self.skipped = 0

@@ -11,11 +11,14 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from functools import lru_cache
 from typing import NamedTuple, Sequence
+
+import numpy as np
 
 from .cache import cache_dir as default_cache_dir
 from .folder import ENV_VAR, TAIL_BYTES, check_markers, pil_check
-from .seeds import epoch_permutation
+from .seeds import epoch_permutation, window_permutation
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +312,65 @@ def find_undecodable(shards: ShardList) -> dict[str, dict[str, str]]:
 
     with ThreadPoolExecutor(max_workers=min(8, len(shards.tars))) as pool:
         return {t: bad for t, bad in pool.map(one, range(len(shards.tars))) if bad}
+
+
+class ShardEpoch:
+    """Rank's samples of one epoch over tar shards, by position: the shards in the epoch's order
+    (seed + epoch, the same on every rank), rank's contiguous 1/world_size slice of their samples,
+    shuffled inside consecutive windows of `window` samples (seeded by seed, epoch, rank and the
+    window). The samples at any positions come from index arithmetic and one window's permutation:
+    no sample before them is read. Samples are numbered in index order (as ShardList.labels)."""
+
+    def __init__(self, counts: Sequence[int], rank: int, world_size: int, seed: int, epoch: int,
+                 window: int) -> None:
+        if window < 1:
+            raise ValueError(f"shuffle window of {window} samples; it must be at least 1")
+        counts = np.asarray(counts, dtype=np.int64)
+        order = epoch_permutation(len(counts), seed, epoch).numpy()
+        self.first = (np.cumsum(counts) - counts)[order]  # index of each shard's first sample, in epoch order
+        self.ends = np.cumsum(counts[order])  # where each shard ends in the epoch's sequence
+        self.begins = self.ends - counts[order]  # and where it begins
+        n = int(self.ends[-1]) if len(counts) else 0
+        self.lo, self.hi = n * rank // world_size, n * (rank + 1) // world_size
+        self.window, self.seed, self.epoch, self.rank = window, seed, epoch, rank
+        self.perm = lru_cache(maxsize=4)(self._perm)
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def _perm(self, k: int) -> np.ndarray:
+        size = min(self.window, len(self) - k * self.window)
+        return window_permutation(size, self.seed, self.epoch, self.rank, k).numpy()
+
+    def samples(self, start: int, stop: int) -> np.ndarray:
+        """Sample indices at positions start..stop-1 of the rank's shuffled slice; positions past its
+        end wrap around (a slice that lost samples mid-epoch, to bad data, still fills the epoch)."""
+        pos = np.arange(start, stop) % len(self)
+        k = pos // self.window
+        seq = np.empty_like(pos)  # position in the epoch's sequence of all samples
+        for w in np.unique(k):
+            at = k == w
+            seq[at] = self.lo + w * self.window + self.perm(int(w))[pos[at] - w * self.window]
+        shard = np.searchsorted(self.ends, seq, side="right")
+        return self.first[shard] + seq - self.begins[shard]
+
+
+class MemberIndex:
+    """(tar, offset, size) of each sample's image by sample index (index order); a shard's index
+    is read when one of its samples is first asked for (a few shards kept)."""
+
+    def __init__(self, shards: ShardList) -> None:
+        self.tars, self.indexes = list(shards.tars), list(shards.indexes)
+        self.starts = np.cumsum([0] + list(shards.counts))
+        self.entries = lru_cache(maxsize=64)(self._entries)
+
+    def _entries(self, shard: int) -> np.ndarray:
+        return np.array([e.image[1:3] for e in read_index(self.indexes[shard])], dtype=np.int64).reshape(-1, 2)
+
+    def __call__(self, index: int) -> tuple[str, int, int]:
+        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+        offset, size = self.entries(shard)[index - self.starts[shard]]
+        return self.tars[shard], int(offset), int(size)
 
 
 class MemberReader:
