@@ -17,7 +17,7 @@ AVX2_CAPS  := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRU
 AVX2_TESTS := tests/test_device.py tests/test_distributed.py tests/test_model.py tests/test_train.py \
 	tests/test_eval.py tests/test_knn_distributed.py
 
-.PHONY: setup train test test-avx2 bench clean
+.PHONY: setup train test test-avx2 soak bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ test: setup
 
 test-avx2: setup
 	$(AVX2_CAPS) $(BIN)/python -m pytest -q -rs -p no:cacheprovider $(AVX2_TESTS) $(ARGS)
+
+# The long fault-injection soak (tests/test_soak.py, a few minutes): SIGKILL/SIGTERM at random
+# steps, damaged checkpoints, a switch to two processes; FASTMOCO_SOAK_SEED=<seed> repeats a draw.
+soak: setup
+	$(BIN)/python -m pytest -q -rs -s -p no:cacheprovider -m soak tests/test_soak.py $(ARGS)
 
 bench: setup
 	$(BIN)/fastmoco bench $(ARGS)
