@@ -1,5 +1,6 @@
 """Everything a run is made of, built from its config in one place: where it runs (`Runtime`),
-the model, optimizer and step of Algorithm 1 (`Trainer`), the loader and the schedules.
+the model (MoCo, BYOL or SimSiam), optimizer and step of its Algorithm 1 (`Trainer`), the loader
+and the schedules.
 
 `fastmoco train`, `fastmoco bench` and the demo's autosizer all build through here, so what the
 bench times is what training runs."""
@@ -13,13 +14,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastmoco.byol import BYOL
 from fastmoco.config import RunConfig, TrainConfig
 from fastmoco.data import build_pretrain_loader
 from fastmoco.device import autocast, grad_scaler, resolve_device, resolve_precision
 from fastmoco.distributed import broadcast_choice, broadcast_module_, init_from_env
-from fastmoco.model import MoCo, MoCoOutput
+from fastmoco.model import MoCo
 from fastmoco.momentum import Schedules
-from fastmoco.optim import build_optimizer, set_lr
+from fastmoco.optim import build_optimizer, param_groups, set_lr
+from fastmoco.siamese import Siamese, StepOutput
+from fastmoco.simsiam import SimSiam
 from fastmoco.trace import phase
 
 log = logging.getLogger("fastmoco")
@@ -68,19 +72,24 @@ def seed_process(seed: int, rank: int) -> None:
     random.seed(seed + rank)
 
 
-def build_model(cfg: TrainConfig, rt: Runtime) -> MoCo:
-    """MoCo on the runtime's device, channels-last when the config asks for it."""
-    m = cfg.method
-    model = MoCo(
-        cfg.backbone.name, version=m.version, dim=m.dim, queue_size=m.queue_size,
-        momentum=m.momentum, temperature=m.temperature, shuffle_bn=m.shuffle_bn,
-        bn_splits=m.bn_splits, mlp_hidden=m.mlp_hidden, predictor_hidden=m.predictor_hidden,
-        symmetric=m.symmetric, cifar_stem=cfg.backbone.cifar_stem,
-        pos_embed=cfg.backbone.pos_embed, freeze_patch_embed=cfg.backbone.freeze_patch_embed,
-        backbone_kwargs=dict(cfg.backbone.kwargs),
-        loss_backend=cfg.run.loss_backend, ema_backend=cfg.run.ema_backend,
-        world_size=rt.world_size, compute_dtype=rt.dtype, device_type=rt.device.type,
-    )
+def build_model(cfg: TrainConfig, rt: Runtime) -> Siamese:
+    """The configured method's model (MoCo, BYOL or SimSiam) on the runtime's device,
+    channels-last when the config asks for it."""
+    m, b = cfg.method, cfg.backbone
+    common = dict(dim=m.dim, mlp_hidden=m.mlp_hidden, predictor_hidden=m.predictor_hidden,
+                  shuffle_bn=m.shuffle_bn, cifar_stem=b.cifar_stem, pos_embed=b.pos_embed,
+                  freeze_patch_embed=b.freeze_patch_embed, backbone_kwargs=dict(b.kwargs),
+                  world_size=rt.world_size, device_type=rt.device.type)
+    if m.name == "byol":
+        model: Siamese = BYOL(b.name, momentum=m.momentum, ema_backend=cfg.run.ema_backend,
+                              **common)
+    elif m.name == "simsiam":
+        model = SimSiam(b.name, **common)
+    else:
+        model = MoCo(b.name, version=m.version, queue_size=m.queue_size, momentum=m.momentum,
+                     temperature=m.temperature, bn_splits=m.bn_splits, symmetric=m.symmetric,
+                     loss_backend=cfg.run.loss_backend, ema_backend=cfg.run.ema_backend,
+                     compute_dtype=rt.dtype, **common)
     fmt = torch.channels_last if cfg.run.channels_last else torch.preserve_format
     return model.to(rt.device, memory_format=fmt)
 
@@ -97,17 +106,19 @@ def decide_compile(cfg: TrainConfig, steps: int, device: torch.device) -> bool:
 
 @dataclass
 class Trainer:
-    """The model, its optimizer and one step of Algorithm 1, as the run executes them."""
+    """The model, its optimizer and one step of the method's Algorithm 1, as the run executes them."""
 
-    moco: MoCo
+    moco: Siamese  # the method's model (MoCo, BYOL or SimSiam), unwrapped
     model: nn.Module  # `moco`, or the DDP wrapper around it
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     runtime: Runtime
     compiled: bool
 
-    def step(self, x_q: torch.Tensor, x_k: torch.Tensor, lr: float, momentum: float) -> MoCoOutput:
-        """Momentum update, queries, keys, InfoNCE; backward; SGD step; enqueue the keys."""
+    def step(self, x_q: torch.Tensor, x_k: torch.Tensor, lr: float, momentum: float) -> StepOutput:
+        """Forward to the loss (MoCo: momentum update first, as the authors' code); backward;
+        optimizer step; then the method's end of step (MoCo: enqueue the keys, BYOL: the
+        momentum update, as its Algorithm 1)."""
         set_lr(self.optimizer, lr)
         with phase("forward"), autocast(self.runtime.device, self.runtime.dtype):
             out = self.model(x_q, x_k, momentum=momentum)
@@ -117,17 +128,40 @@ class Trainer:
         with phase("optimizer"):
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        self.moco.enqueue(out.keys)  # after backward: the loss may hold the queue for its gradient
+        self.moco.after_step(out, momentum)  # after backward: the loss may hold the queue
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.moco.state_dict(),  # both encoders, the queue and its pointer
+        return {"model": self.moco.state_dict(),  # the encoders, the queue and its pointer
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_model_state(self.moco, state)
         self.moco.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+
+
+METHOD_KEYS = ("name", "version", "dim", "mlp_hidden", "predictor_hidden", "queue_size")
+
+
+def check_model_state(model: nn.Module, state: dict[str, Any]) -> None:
+    """A checkpoint of another method or of other head widths stops with the settings it was
+    trained with (the ones to set to resume), not with torch's list of keys."""
+    ours, theirs = model.state_dict(), state["model"]
+    odd = sorted(ours.keys() ^ theirs.keys())
+    odd += sorted(k for k in ours.keys() & theirs.keys() if ours[k].shape != theirs[k].shape)
+    if not odd:
+        return
+    key = odd[0]
+    where = (f"{key} is {list(theirs[key].shape)} there, {list(ours[key].shape)} here"
+             if key in ours and key in theirs else
+             f"{key} is {'only here' if key in ours else 'only there'}")
+    method = {"name": "moco", **(state.get("config") or {}).get("method", {})}
+    trained = " ".join(f"method.{k}={method[k]}" for k in METHOD_KEYS if k in method)
+    raise ValueError(f"the checkpoint holds another model than this run builds ({len(odd)} "
+                     f"tensors differ, e.g. {where}): it was trained with {trained}. Set those "
+                     f"to resume it, or start a new run.dir")
 
 
 def build_trainer(cfg: TrainConfig, rt: Runtime, steps: int) -> Trainer:
@@ -135,8 +169,8 @@ def build_trainer(cfg: TrainConfig, rt: Runtime, steps: int) -> Trainer:
     steps as `run.compile` decides, DDP with several processes."""
     moco = build_model(cfg, rt)
     broadcast_module_(moco)  # rank 0's queue (a buffer, drawn from a per-rank seed) everywhere
-    optimizer = build_optimizer(moco.parameters(), cfg.optim, cfg.optim.lr_for(cfg.schedule.batch_size),
-                                rt.device)
+    lr = cfg.optim.lr_for(cfg.schedule.batch_size)
+    optimizer = build_optimizer(param_groups(moco, cfg.optim, lr), cfg.optim, lr, rt.device)
     compiled = decide_compile(cfg, steps, rt.device)
     if compiled:
         moco.compile_encoders()

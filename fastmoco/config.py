@@ -13,10 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-VERSIONS = ("v1", "v2", "v3")
+METHODS = ("moco", "byol", "simsiam")
+VERSIONS = ("v1", "v2", "v3")  # MoCo's
+# Each method by its variant (MethodConfig.variant): its name in messages and its hydra preset.
+LABELS = {"v1": ("MoCo v1", "moco_v1"), "v2": ("MoCo v2", "moco_v2"), "v3": ("MoCo v3", "moco_v3"),
+          "byol": ("BYOL", "byol"), "simsiam": ("SimSiam", "simsiam")}
+QUEUE_VERSIONS = ("v1", "v2")  # the variants with a queue of negatives
+PREDICTOR_VERSIONS = ("v3", "byol", "simsiam")  # the variants with a predictor on the query side
 # Methods whose authors synchronise BatchNorm over all processes (SyncBatchNorm over the whole
 # model) instead of shuffling the keys between them.
-SYNC_BN_VERSIONS = ("v3",)
+SYNC_BN_VERSIONS = ("v3", "byol", "simsiam")
 MOMENTUM_SCHEDULES = ("constant", "cosine")
 SHUFFLE_BN_MODES = ("auto", "ddp", "split", "sync", "none")
 PIPELINES = ("auto", "dali", "torchvision")
@@ -49,36 +55,69 @@ def splits_bn(shuffle_bn: str, world_size: int, version: str = "v2") -> bool:
 
 @dataclass
 class MethodConfig:
-    """MoCo itself: version, head, queue, momentum encoder, temperature."""
+    """The method: MoCo (its version), BYOL or SimSiam; heads, queue, momentum encoder,
+    temperature. conf/method/*.yaml hold each method's published settings."""
 
-    version: str = "v2"
-    dim: int = 128
-    mlp_hidden: Optional[int] = None  # v2 MLP width (None: backbone width); v3 MLPs (None: 4096)
-    predictor_hidden: Optional[int] = None  # v3 predictor width; None: mlp_hidden
-    queue_size: int = 65536  # K (v3 has no queue: 0)
-    momentum: float = 0.999  # m
-    momentum_schedule: str = "constant"  # constant | cosine (v3: m → 1)
-    temperature: float = 0.2  # T
-    symmetric: bool = False
+    name: str = "moco"  # moco | byol | simsiam
+    version: str = "v2"  # MoCo's: v1 | v2 | v3
+    dim: int = 128  # output width of the projector (and of the predictor)
+    # Hidden widths. v2: the MLP (None: backbone width); v3, BYOL: projector and predictor
+    # (None: 4096); SimSiam: the projector (None: backbone width).
+    mlp_hidden: Optional[int] = None
+    # v3, BYOL: the predictor's own hidden width (None: mlp_hidden); SimSiam's (None: 512).
+    predictor_hidden: Optional[int] = None
+    queue_size: int = 65536  # K (v3, BYOL, SimSiam have no queue: 0)
+    momentum: float = 0.999  # m (BYOL's τ; SimSiam has no momentum encoder: 0)
+    momentum_schedule: str = "constant"  # constant | cosine (v3, BYOL: m → 1)
+    temperature: float = 0.2  # T (MoCo only)
+    symmetric: bool = False  # v1/v2: add the swapped loss (v3, BYOL, SimSiam always do)
     shuffle_bn: str = "auto"  # auto | ddp | split | sync | none
     bn_splits: int = 8
 
+    @property
+    def variant(self) -> str:
+        """v1 | v2 | v3 for MoCo, else the method's name: what the method-dependent rules use."""
+        return self.version if self.name == "moco" else self.name
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.variant][0]
+
     def __post_init__(self) -> None:
+        choose("method.name", self.name, METHODS)
         choose("method.version", self.version, VERSIONS)
         choose("method.momentum_schedule", self.momentum_schedule, MOMENTUM_SCHEDULES)
         choose("method.shuffle_bn", self.shuffle_bn, SHUFFLE_BN_MODES)
         if self.bn_splits < 1:
             raise ValueError(f"method.bn_splits={self.bn_splits}: choose 1 or more")
-        if self.version != "v3" and self.queue_size < 1:
-            raise ValueError(f"method.queue_size={self.queue_size}: MoCo {self.version} needs a "
-                             f"queue (e.g. 65536); only method.version=v3 runs without one")
-        if self.version == "v3" and self.queue_size != 0:
-            raise ValueError(f"method.queue_size={self.queue_size}: MoCo v3 has no queue (its "
-                             f"negatives are the in-batch keys of all processes): set "
-                             f"method.queue_size=0 (method=moco_v3 does)")
-        if self.predictor_hidden is not None and self.version != "v3":
-            raise ValueError(f"method.predictor_hidden={self.predictor_hidden}: MoCo "
-                             f"{self.version} has no predictor (only v3 has one): remove it")
+        v, label, preset = self.variant, *LABELS[self.variant]
+        if v in QUEUE_VERSIONS and self.queue_size < 1:
+            raise ValueError(f"method.queue_size={self.queue_size}: {label} needs a queue (e.g. "
+                             f"65536); only method.version=v3, BYOL and SimSiam run without one")
+        why = {"v3": "its negatives are the in-batch keys of all processes",
+               "byol": "it has no negatives: the online network predicts its momentum copy",
+               "simsiam": "it has no negatives: each view predicts the other"}
+        if v not in QUEUE_VERSIONS and self.queue_size != 0:
+            raise ValueError(f"method.queue_size={self.queue_size}: {label} has no queue "
+                             f"({why[v]}): set method.queue_size=0 (method={preset} does)")
+        if v not in QUEUE_VERSIONS and not self.symmetric:
+            raise ValueError(f"method.symmetric=false: {label}'s loss is symmetric by definition "
+                             f"(each view is predicted from the other): set method.symmetric=true "
+                             f"(method={preset} does)")
+        if self.predictor_hidden is not None and v not in PREDICTOR_VERSIONS:
+            raise ValueError(f"method.predictor_hidden={self.predictor_hidden}: {label} has no "
+                             f"predictor (v3, BYOL and SimSiam have one): remove it")
+        if v in ("byol", "simsiam") and self.shuffle_bn in ("ddp", "split"):
+            raise ValueError(f"method.shuffle_bn={self.shuffle_bn}: {label} has no negatives, so "
+                             f"no BatchNorm statistics leak from a query to its key to hide by "
+                             f"shuffling, and its authors normalise over the global batch: set "
+                             f"method.shuffle_bn=auto (SyncBatchNorm with several GPUs), sync or none")
+        if v == "simsiam" and (self.momentum != 0 or self.momentum_schedule != "constant"):
+            raise ValueError(f"method.momentum={self.momentum}, method.momentum_schedule="
+                             f"{self.momentum_schedule}: SimSiam has no momentum encoder (its "
+                             f"target branch is the encoder itself under stop-gradient): set "
+                             f"method.momentum=0 and method.momentum_schedule=constant "
+                             f"(method=simsiam does), or use method=byol for a momentum target")
         for name in ("dim", "mlp_hidden", "predictor_hidden"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -147,6 +186,9 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW: torch's defaults, as MoCo v3's ViT runs
+    # The predictor keeps the base lr (scaled by base_batch) through the schedule: SimSiam's
+    # --fix-pred-lr. The rest follows warm-up and decay.
+    fix_predictor_lr: bool = False
 
     def __post_init__(self) -> None:
         choose("optim.name", self.name, OPTIMIZERS)
@@ -290,7 +332,8 @@ class TrainConfig:
                 f"use a multiple of {w}, e.g. {max(1, b // w) * w}"
             )
         per_step = b * (2 if self.method.symmetric else 1)
-        if self.method.version != "v3" and self.method.queue_size % per_step != 0:
+        variant = self.method.variant
+        if variant in QUEUE_VERSIONS and self.method.queue_size % per_step != 0:
             good = max(1, self.method.queue_size // per_step) * per_step
             raise ValueError(
                 f"method.queue_size={self.method.queue_size} must be a multiple of the keys "
@@ -299,12 +342,15 @@ class TrainConfig:
                 f"set method.queue_size={good} or change schedule.batch_size"
             )
         local = b // w
-        if splits_bn(self.method.shuffle_bn, w, self.method.version) and \
+        if splits_bn(self.method.shuffle_bn, w, variant) and \
                 local % self.method.bn_splits != 0:
             raise ValueError(
                 f"batch per process {local} is not a multiple of method.bn_splits="
                 f"{self.method.bn_splits}: change one of them"
             )
+        if self.optim.fix_predictor_lr and variant not in PREDICTOR_VERSIONS:
+            raise ValueError(f"optim.fix_predictor_lr=true: {self.method.label} has no predictor "
+                             f"(v3, BYOL and SimSiam have one): set optim.fix_predictor_lr=false")
 
 
 @dataclass

@@ -1,38 +1,26 @@
 """MoCo: a query encoder trained by SGD, its momentum copy as key encoder, a queue of negatives."""
 from __future__ import annotations
 
-import copy
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fastmoco.backbone import adapt_vit_, create_backbone, feature_dim, is_vit
-from fastmoco.batchnorm import (
-    convert_split_bn_, convert_sync_bn_, forward_in_splits, resolve_shuffle_bn, split_norms,
-)
+from fastmoco.backbone import feature_dim, is_vit
+from fastmoco.batchnorm import convert_split_bn_, forward_in_splits, resolve_shuffle_bn, split_norms
 from fastmoco.distributed import (
     batch_shuffle, batch_unshuffle, concat_all_gather, get_rank,
 )
 from fastmoco.heads import projection_head, v3_predictor
-from fastmoco.kernels import ema_update_, flatten_parameters_, infonce_inbatch_loss, infonce_loss
+from fastmoco.kernels import infonce_inbatch_loss, infonce_loss
 from fastmoco.queue import KeyQueue
+from fastmoco.siamese import Siamese, StepOutput, build_backbone, normalize
 from fastmoco.trace import traced
 
-
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    """L2-normalised rows in fp32 at least: autocast's bf16/fp16 outputs go up, float64 stays."""
-    return F.normalize(x if x.dtype == torch.float64 else x.float(), dim=1)
+MoCoOutput = StepOutput  # loss, accuracy (pretext top-1), keys to enqueue
 
 
-class MoCoOutput(NamedTuple):
-    loss: torch.Tensor  # scalar, carries the gradient
-    accuracy: torch.Tensor  # pretext top-1 in percent, no gradient
-    keys: torch.Tensor  # this step's keys of all processes, to enqueue after backward
-
-
-class MoCo(nn.Module):
+class MoCo(Siamese):
     """Momentum Contrast (He et al., 2020), v1/v2 with a queue and v3 with in-batch keys.
 
     `forward(x_q, x_k)` runs Algorithm 1 up to the loss: momentum update, queries, keys
@@ -75,12 +63,9 @@ class MoCo(nn.Module):
         super().__init__()
         if version not in ("v1", "v2", "v3"):
             raise ValueError(f"unknown MoCo version {version!r}: choose v1, v2 or v3")
-        if isinstance(backbone, str):
-            backbone = create_backbone(backbone, cifar_stem=cifar_stem, pos_embed=pos_embed,
-                                       freeze_patch_embed=freeze_patch_embed,
-                                       **(backbone_kwargs or {}))
-        else:
-            adapt_vit_(backbone, pos_embed=pos_embed, freeze_patch_embed=freeze_patch_embed)
+        backbone = build_backbone(backbone, cifar_stem=cifar_stem, pos_embed=pos_embed,
+                                  freeze_patch_embed=freeze_patch_embed,
+                                  backbone_kwargs=backbone_kwargs)
         self.version = version
         self.momentum = momentum
         self.temperature = temperature
@@ -96,54 +81,24 @@ class MoCo(nn.Module):
             convert_split_bn_(backbone)
 
         vit = is_vit(backbone)
-        head = projection_head(version, feature_dim(backbone), dim, mlp_hidden, vit)
-        self.query_encoder = nn.Sequential(backbone, head)
+        projector = projection_head(version, feature_dim(backbone), dim, mlp_hidden, vit)
         # v3 puts a predictor on the query side only.
-        self.predictor = v3_predictor(dim, predictor_hidden or mlp_hidden, vit) \
+        predictor = v3_predictor(dim, predictor_hidden or mlp_hidden, vit) \
             if version == "v3" else None
-        if self.shuffle_bn == "sync":  # the whole model, once the heads exist (moco-v3's main_moco.py)
-            convert_sync_bn_(self.query_encoder)
-            if self.predictor is not None:
-                convert_sync_bn_(self.predictor)
-        self.key_encoder = copy.deepcopy(self.query_encoder)
-        self.key_encoder.requires_grad_(False)
+        self._assemble(backbone, projector, predictor, momentum_encoder=True)
         self.queue = KeyQueue(queue_size, dim) if version != "v3" else None
         self._place()
 
-    @property
-    def backbone(self) -> nn.Module:
-        """The query encoder's backbone: what is kept after pretraining."""
-        return self.query_encoder[0]
-
-    def _apply(self, fn, recurse: bool = True):  # every .to(), .cuda(), .double(), ...
-        super()._apply(fn, recurse)
-        self._place()
-        return self
-
     @torch.no_grad()
     def _place(self) -> None:
-        """After a move: both encoders' parameters become views into one flat buffer each (the
-        momentum update is then a single operation), and the queue takes the loss's dtype."""
-        flatten_parameters_(self.query_encoder)
-        flatten_parameters_(self.key_encoder)
+        """After a move: flat encoder buffers (Siamese._place), and the queue in the loss's dtype."""
+        super()._place()
         if self.queue is not None:
             param = next(self.query_encoder.parameters())
             half = self.compute_dtype in (torch.bfloat16, torch.float16)
             dtype = self.compute_dtype if param.is_cuda and half else param.dtype
             if self.queue.keys.dtype != dtype:
                 self.queue.keys = self.queue.keys.to(dtype)
-
-    @traced("ema")
-    @torch.no_grad()
-    def momentum_update(self, momentum: float) -> None:
-        """θ_k ← m·θ_k + (1−m)·θ_q over the parameters; the key encoder's BN buffers stay its own."""
-        ema_update_(self.key_encoder, self.query_encoder, momentum, backend=self.ema_backend)
-
-    def compile_encoders(self) -> None:
-        """torch.compile each backbone and head (split BN calls the backbone once per sub-batch)."""
-        for encoder in (self.query_encoder, self.key_encoder):
-            for part in encoder:
-                part.compile()
 
     def _encode(self, encoder: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         backbone, head = encoder
@@ -155,15 +110,15 @@ class MoCo(nn.Module):
         q = self._encode(self.query_encoder, x)  # N×C
         if self.predictor is not None:
             q = self.predictor(q)
-        return _normalize(q)
+        return normalize(q)
 
     @torch.no_grad()
     def _key(self, x: torch.Tensor) -> torch.Tensor:
         if self.shuffle_bn in ("ddp", "split"):
             x, plan = batch_shuffle(x)
-            k = _normalize(self._encode(self.key_encoder, x))  # N×C
+            k = normalize(self._encode(self.key_encoder, x))  # N×C
             return batch_unshuffle(k, plan)
-        return _normalize(self._encode(self.key_encoder, x))
+        return normalize(self._encode(self.key_encoder, x))
 
     @traced("loss")
     def _contrast(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,3 +167,8 @@ class MoCo(nn.Module):
         """Algorithm 1's last line: the newest keys replace the oldest in the queue."""
         if self.queue is not None:
             self.queue.enqueue(keys)
+
+    def after_step(self, out: MoCoOutput, momentum: float) -> None:
+        """After the optimizer step: enqueue (the momentum update ran at the start of forward,
+        where the authors' code runs it)."""
+        self.enqueue(out.keys)

@@ -1,7 +1,7 @@
 """Optimizers: torch's SGD/AdamW (fused on CUDA, foreach elsewhere) and LARS, which torch lacks."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -51,10 +51,27 @@ class LARS(torch.optim.Optimizer):
         return None
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, lr: float,
-                    device: torch.device) -> torch.optim.Optimizer:
-    """The configured optimizer over the trainable parameters, with the fastest torch kernel."""
-    params = [p for p in params if p.requires_grad]
+def param_groups(model: nn.Module, cfg: OptimConfig, lr: float) -> list[dict[str, Any]]:
+    """The trainable parameters in one group, or, with `fix_predictor_lr`, the predictor's in a
+    second group whose lr stays `lr` (`set_lr` leaves it; SimSiam's --fix-pred-lr)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    predictor = getattr(model, "predictor", None)
+    if not cfg.fix_predictor_lr or predictor is None:
+        return [{"params": trainable}]
+    fixed = {id(p) for p in predictor.parameters()}
+    return [{"params": [p for p in trainable if id(p) not in fixed]},
+            {"params": [p for p in trainable if id(p) in fixed], "fixed_lr": lr}]
+
+
+def build_optimizer(params: Iterable[nn.Parameter] | list[dict[str, Any]], cfg: OptimConfig,
+                    lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """The configured optimizer over the trainable parameters (or the groups of
+    `param_groups`), with the fastest torch kernel."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+    else:
+        params = [p for p in params if p.requires_grad]
     fused = device.type == "cuda"
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum,
@@ -70,5 +87,6 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, lr: float,
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """This step's lr on every group, but a group with a `fixed_lr` keeps it."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = group.get("fixed_lr", lr)

@@ -1,4 +1,6 @@
-"""fastmoco bench: the CLI smoke run (every arm, sane numbers), and that each arm does MoCo's work."""
+"""fastmoco bench: the CLI smoke run (every arm, sane numbers), that each arm does its method's
+work (the reference arm for MoCo v2, v3 and BYOL against fastmoco's step), and which arms apply
+to which method."""
 from __future__ import annotations
 
 import json
@@ -17,10 +19,13 @@ import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.profiler import record_function
 
-from fastmoco.bench import ArmDef, BenchConfig, CaseDef, Target, check_targets, drain
+from fastmoco.bench import (
+    ArmDef, BenchConfig, CaseDef, CeilingConfig, Target, check_targets, drain, format_table,
+)
 from fastmoco.bench.arm_fastmoco import FastMocoArm
-from fastmoco.bench.arm_reference import ReferenceMoCo
+from fastmoco.bench.arm_reference import ReferenceArm, ReferenceMoCo
 from fastmoco.bench.arms import synthetic_batches
+from fastmoco.bench.driver import run_case
 from fastmoco.bench.measure import measure
 from fastmoco.bench.phases import phase_us, profiler
 from fastmoco.config import apply_overrides, TrainConfig
@@ -124,6 +129,72 @@ def test_reference_arm_computes_the_same_step_as_fastmoco():
     torch.testing.assert_close(ref.queue.T, fast.queue.keys, rtol=1e-5, atol=1e-6)
     for a, b in zip(ref.encoder_k.parameters(), fast.key_encoder.parameters()):
         torch.testing.assert_close(a, b.reshape(a.shape), rtol=1e-5, atol=1e-6)
+
+
+V3 = ["method.version=v3", "method.queue_size=0", "method.symmetric=true", "method.dim=16",
+      "method.mlp_hidden=32", "method.momentum=0.9", "run.precision=fp32",
+      "run.channels_last=false", "optim.name=lars", "optim.weight_decay=1e-4"]
+BYOL = ["method.name=byol", "method.queue_size=0", "method.symmetric=true", "method.dim=16",
+        "method.mlp_hidden=32", "method.momentum=0.9", "run.precision=fp32",
+        "run.channels_last=false", "optim.name=lars", "optim.weight_decay=1e-4"]
+
+
+@pytest.mark.parametrize("overrides", [V3, BYOL], ids=["v3", "byol"])
+def test_reference_arm_of_v3_and_byol_computes_the_same_steps_as_fastmoco(overrides):
+    """The reference arm's model and optimizer (the authors' formulation, loop EMA and LARS)
+    against fastmoco's trainer from the same weights: losses of two steps and the momentum
+    encoder after them."""
+    cfg = apply_overrides(tiny_config(), ["data.name=synthetic", *overrides])
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    fast = FastMocoArm("fastmoco", cfg, cpu, total_steps=10)
+    ref = ReferenceArm(cfg, cpu, None, None, 0)
+    ours, theirs = fast.trainer.moco, ref.model
+    if cfg.method.variant == "v3":
+        pairs = [(theirs.base_encoder, ours.query_encoder), (theirs.predictor, ours.predictor),
+                 (theirs.momentum_encoder, ours.key_encoder)]
+        momentum_encoders = (theirs.momentum_encoder, ours.key_encoder)
+    else:
+        pairs = [(theirs.online, ours.online), (theirs.predictor, ours.predictor),
+                 (theirs.target, ours.target)]
+        momentum_encoders = (theirs.target, ours.target)
+    for dst, src in pairs:
+        dst.load_state_dict(src.state_dict())
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        x1, x2 = (torch.randn(8, 3, 16, 16, generator=g) for _ in range(2))
+        loss = ref.model.loss(x1, x2)
+        ref.optimizer.zero_grad()
+        loss.backward()
+        ref.optimizer.step()
+        ref.model.after_step()
+        out = fast.trainer.step(x1, x2, fast.lr, fast.momentum)
+        assert loss.item() == pytest.approx(out.loss.item(), rel=1e-5)
+    for a, b in zip(*(m.parameters() for m in momentum_encoders), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_arms_that_do_not_apply_to_the_method_say_so():
+    """A BYOL case: the split-BN and lightly arms are listed as not applicable, with the
+    feature and the methods it exists for; nothing is built for them."""
+    cfg = apply_overrides(tiny_config(), ["data.name=synthetic", *BYOL])
+    bench = BenchConfig(arms=["no_split_bn", "no_fused_loss", "lightly"], modes=["model"],
+                        ceilings=CeilingConfig(enabled=False), isolate=False, arm_defs={
+                            "no_split_bn": ArmDef(overrides=["method.shuffle_bn=none"],
+                                                  methods=["v1", "v2"], feature="split BN"),
+                            "no_fused_loss": ArmDef(overrides=["run.loss_backend=torch"],
+                                                    methods=["v1", "v2", "v3"]),
+                            "lightly": ArmDef(kind="lightly", methods=["v1", "v2"])})
+    case = run_case("byol", cfg, CaseDef(), bench, torch.device("cpu"), {})
+    assert case["method"] == "BYOL" and [r["arm"] for r in case["rows"]] == \
+        ["no_split_bn", "no_fused_loss", "lightly"]
+    skipped = {r["arm"]: r["skipped"] for r in case["rows"]}
+    assert skipped["no_split_bn"] == "does not apply to BYOL: split BN exists for MoCo v1, MoCo v2 only"
+    assert skipped["no_fused_loss"].endswith("no_fused_loss exists for MoCo v1, MoCo v2, MoCo v3 only")
+    assert ArmDef().applies_to("simsiam") and not ArmDef(methods=["v3"]).applies_to("byol")
+    assert "BYOL" in format_table({"setting": {"device": "cpu", "torch": "", "threads": 1,
+                                               "commit": "", "time": ""}, "ceilings": {},
+                                   "cases": {"byol": case}})
 
 
 def test_lightly_memory_bank_loss_is_moco_infonce():

@@ -118,7 +118,7 @@ def _conv_bn_net(bn: type, **kw) -> nn.Module:
 def test_split_bn_matches_the_cifar_demos_split_bn(channels_last):
     """Sub-batches run one at a time give the demo's reshaped BN exactly: outputs, parameter
     gradients and running statistics (its sub-batches are interleaved, ours contiguous)."""
-    from fastmoco.bench.arm_reference import SplitBatchNorm
+    from fastmoco.bench.reference_models import SplitBatchNorm
 
     torch.manual_seed(0)
     s, n = 4, 16
@@ -299,7 +299,7 @@ def test_split_mode_needs_plain_batchnorm():
 def test_moco_split_mode_matches_the_demo_formulation():
     """MoCo's query and key encoders in split mode: features as the demo's reshaped split BN on
     the same (interleaved) sub-batches, one running-statistics step per encoder call."""
-    from fastmoco.bench.arm_reference import SplitBatchNorm, _split_bn_
+    from fastmoco.bench.reference_models import SplitBatchNorm, _split_bn_
 
     torch.manual_seed(0)
     s, n = 4, 16

@@ -1,10 +1,12 @@
-"""The bench's `reference` arm: MoCo as its authors wrote it (facebookresearch/moco
-builder.py + main_moco.py, and the CIFAR demo's split BN), kept deliberately plain.
+"""The bench's `reference` arm: the configured method as its authors wrote it, kept
+deliberately plain (the models: reference_models.py). For MoCo v1/v2 facebookresearch/moco
+builder.py + main_moco.py and the CIFAR demo's split BN; v3, BYOL and SimSiam their own.
 
 fp32, NCHW, torchvision/PIL augmentation with ToTensor + Normalize in DataLoader workers, a Python
-loop for the momentum update, eager einsum + cat + cross_entropy over a cloned C×K queue, enqueue
-inside forward, torch's default SGD. Only the backbone is shared with fastmoco (timm, same config).
-The step's parts are marked with fastmoco's profiler ranges, so the bench splits it as fastmoco's.
+loop for the momentum update, eager einsum + cross_entropy (v1/v2 over a cloned C×K queue, enqueue
+inside forward) or eager cosine losses, torch's default SGD / AdamW or moco-v3's loop LARS. Only
+the backbone is shared with fastmoco (timm, same config). The step's parts are marked with
+fastmoco's profiler ranges, so the bench splits it as fastmoco's.
 """
 from __future__ import annotations
 
@@ -12,105 +14,14 @@ import random
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageFilter
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from fastmoco.backbone import create_backbone, feature_dim
+from fastmoco.bench.reference_models import ReferenceMoCo, reference_model, reference_optimizer
 from fastmoco.config import TrainConfig
 from fastmoco.pipelines.recipes import TwoViewRecipe, ViewRecipe
 from fastmoco.trace import phase
-
-
-class SplitBatchNorm(nn.BatchNorm2d):
-    """The CIFAR demo's shuffle-BN stand-in: BN statistics over `num_splits` sub-batches."""
-
-    def __init__(self, num_features: int, num_splits: int) -> None:
-        super().__init__(num_features)
-        self.num_splits = num_splits
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        if not self.training:
-            return super().forward(x)
-        mean_split = self.running_mean.repeat(self.num_splits)
-        var_split = self.running_var.repeat(self.num_splits)
-        out = F.batch_norm(
-            x.view(-1, c * self.num_splits, h, w), mean_split, var_split,
-            self.weight.repeat(self.num_splits), self.bias.repeat(self.num_splits),
-            True, self.momentum, self.eps).view(n, c, h, w)
-        self.running_mean.data.copy_(mean_split.view(self.num_splits, c).mean(dim=0))
-        self.running_var.data.copy_(var_split.view(self.num_splits, c).mean(dim=0))
-        return out
-
-
-def _split_bn_(module: nn.Module, num_splits: int) -> None:
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            setattr(module, name, SplitBatchNorm(child.num_features, num_splits))
-        else:
-            _split_bn_(child, num_splits)
-
-
-class ReferenceMoCo(nn.Module):
-    """builder.MoCo: query/key encoders, a C×K queue, Algorithm 1 in `forward`."""
-
-    def __init__(self, cfg: TrainConfig) -> None:
-        super().__init__()
-        m, b = cfg.method, cfg.backbone
-        self.K, self.m, self.T = m.queue_size, m.momentum, m.temperature
-
-        def encoder() -> nn.Module:
-            net = create_backbone(b.name, cifar_stem=b.cifar_stem, **dict(b.kwargs))
-            if m.bn_splits > 1:
-                _split_bn_(net, m.bn_splits)
-            width = feature_dim(net)
-            if m.version == "v1":
-                return nn.Sequential(net, nn.Linear(width, m.dim))
-            hidden = m.mlp_hidden or width
-            return nn.Sequential(net, nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, m.dim))
-
-        self.encoder_q = encoder()
-        self.encoder_k = encoder()
-        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
-            param_k.data.copy_(param_q.data)
-            param_k.requires_grad = False
-        self.register_buffer("queue", F.normalize(torch.randn(m.dim, self.K), dim=0))  # C×K
-        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-
-    @torch.no_grad()
-    def _momentum_update_key_encoder(self) -> None:
-        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
-            param_k.data = param_k.data * self.m + param_q.data * (1.0 - self.m)
-
-    @torch.no_grad()
-    def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
-        batch_size = keys.shape[0]
-        ptr = int(self.queue_ptr)
-        assert self.K % batch_size == 0
-        self.queue[:, ptr : ptr + batch_size] = keys.T
-        self.queue_ptr[0] = (ptr + batch_size) % self.K
-
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor):
-        with phase("forward"):
-            q = F.normalize(self.encoder_q(im_q), dim=1)  # N×C
-        with torch.no_grad():
-            with phase("ema"):
-                self._momentum_update_key_encoder()
-            with phase("forward"):
-                idx_shuffle = torch.randperm(im_k.shape[0], device=im_k.device)
-                idx_unshuffle = torch.argsort(idx_shuffle)
-                k = F.normalize(self.encoder_k(im_k[idx_shuffle]), dim=1)[idx_unshuffle]  # N×C
-        with phase("loss"):
-            l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)  # N×1
-            l_neg = torch.einsum("nc,ck->nk", [q, self.queue.clone().detach()])  # N×K
-            logits = torch.cat([l_pos, l_neg], dim=1) / self.T  # N×(1+K)
-            labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        with phase("queue"):
-            self._dequeue_and_enqueue(k)
-        return logits, labels
 
 
 class GaussianBlur:
@@ -163,8 +74,11 @@ def reference_loader(files: Sequence[str], recipe: TwoViewRecipe, batch_size: in
                       persistent_workers=num_workers > 0)
 
 
+__all__ = ["ReferenceArm", "ReferenceMoCo", "reference_loader", "view_transform"]
+
+
 class ReferenceArm:
-    """main_moco.py's train step around ReferenceMoCo: fp32, NCHW, default SGD."""
+    """The authors' train step around the method's reference model: fp32, NCHW, their optimizer."""
 
     name = "reference"
     dtype = input_dtype = torch.float32
@@ -175,11 +89,9 @@ class ReferenceArm:
                  recipe: TwoViewRecipe | None, num_workers: int) -> None:
         torch.manual_seed(cfg.run.seed)
         self.device = device
-        self.model = ReferenceMoCo(cfg).to(device)
-        lr = cfg.optim.lr_for(cfg.schedule.batch_size)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr, momentum=cfg.optim.momentum,
-                                         weight_decay=cfg.optim.weight_decay)
-        self.criterion = nn.CrossEntropyLoss()
+        self.model = reference_model(cfg).to(device)
+        self.optimizer = reference_optimizer(self.model, cfg,
+                                             cfg.optim.lr_for(cfg.schedule.batch_size))
         self.batch_size = cfg.schedule.batch_size
         self.files, self.recipe, self.num_workers = files, recipe, num_workers
         self.pipeline = "torchvision-v1 (PIL, workers)"
@@ -196,11 +108,10 @@ class ReferenceArm:
                        im_k.to(self.device, non_blocking=True))
 
     def step(self, im_q: torch.Tensor, im_k: torch.Tensor) -> None:
-        output, target = self.model(im_q, im_k)
-        with phase("loss"):
-            loss = self.criterion(output, target)
+        loss = self.model.loss(im_q, im_k)
         with phase("backward"):
             self.optimizer.zero_grad()
             loss.backward()
         with phase("optimizer"):
             self.optimizer.step()
+        self.model.after_step()

@@ -25,6 +25,13 @@ class ArmDef:
     # An arm that only differs from fastmoco by bf16 (no_amp, lightly_bf16): on a CPU without
     # native bf16 it is skipped with a note (emulated bf16 would time the emulation).
     needs_bf16: bool = False
+    # The methods (MethodConfig.variant: v1, v2, v3, byol, simsiam) the arm's feature applies
+    # to; in a case of another method the arm is listed as not applicable (None: all).
+    methods: Optional[list[str]] = None
+    feature: str = ""  # what the arm turns off or stands for, said when it does not apply
+
+    def applies_to(self, variant: str) -> bool:
+        return self.methods is None or variant in self.methods
 
 
 @dataclass

@@ -24,7 +24,7 @@ from fastmoco.bench.config import ArmDef, BenchConfig, CaseDef, split_config
 from fastmoco.bench.measure import ArmCeilings, PeakMemory, ceilings, measure, no_step, step_flops
 from fastmoco.bench.report import add_ratios, check_targets, format_table, plot, setting
 from fastmoco.build import planned_steps
-from fastmoco.config import TrainConfig, apply_overrides
+from fastmoco.config import LABELS, TrainConfig, apply_overrides
 from fastmoco.data import split_files
 from fastmoco.device import cpu_bf16_speedup, cpu_kind, cpu_prefers_bf16, resolve_device
 
@@ -112,6 +112,7 @@ def run_case(cname: str, cfg: TrainConfig, cdef: CaseDef, bench: BenchConfig,
         "backbone": cfg.backbone.name + (" (CIFAR stem)" if cfg.backbone.cifar_stem else ""),
         "image_size": cfg.data.image_size, "batch": cfg.schedule.batch_size,
         "queue_size": cfg.method.queue_size, "version": cfg.method.version,
+        "method": cfg.method.label,
         "data": cfg.data.name, "recipe": cfg.data.recipe, "images": n_images,
         "overrides": list(cdef.overrides), "rows": []}
     if bench.ceilings.enabled and bench.ceilings.flops:
@@ -124,6 +125,11 @@ def run_case(cname: str, cfg: TrainConfig, cdef: CaseDef, bench: BenchConfig,
         adef = bench.arm_defs.get(name) or ArmDef(kind=name)
         arm_modes = [m for m in modes if adef.modes is None or m in adef.modes]
         if not arm_modes:
+            continue
+        if not adef.applies_to(cfg.method.variant):
+            why = not_applicable(name, adef, cfg.method.label)
+            log.info("arm %s skipped: %s", name, why)
+            case["rows"] += _skipped(name, arm_modes, why)
             continue
         if adef.needs_bf16 and device.type == "cpu" and not cpu_prefers_bf16():
             why = (f"bf16 is not this CPU's fast path ({cpu_kind()}, bf16 measured "
@@ -146,6 +152,13 @@ def run_case(cname: str, cfg: TrainConfig, cdef: CaseDef, bench: BenchConfig,
         add_ratios(case, ceil)
         on_arm(case)
     return case
+
+
+def not_applicable(name: str, adef: ArmDef, label: str) -> str:
+    """Why an arm has no row for this case's method."""
+    what = adef.feature or name
+    return (f"does not apply to {label}: {what} exists for "
+            f"{', '.join(LABELS[v][0] for v in adef.methods or ())} only")
 
 
 def _param_bytes(cfg: TrainConfig) -> int:

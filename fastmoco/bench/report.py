@@ -126,8 +126,10 @@ def format_table(result: dict[str, Any]) -> str:
     for cname, case in result["cases"].items():
         lines.append("")
         fl = case.get("flops_per_step")
+        method = case.get("method") or f"MoCo {case['version']}"
+        queue = f", K {case['queue_size']}" if case["queue_size"] else ""
         lines.append(f"case {cname}: {case['backbone']} {case['image_size']} px, batch {case['batch']}, "
-                     f"K {case['queue_size']}, MoCo {case['version']}"
+                     f"{method}{queue}"
                      + (f", {fl / 1e9:.1f} GFLOP/step" if fl else "")
                      + "  (phases: ms/step, the profile pass's fastmoco.* ranges)")
         lines.append(head)
