@@ -13,14 +13,60 @@ from fastmoco.config import SHUFFLE_BN_MODES, SYNC_BN_VERSIONS, splits_bn
 log = logging.getLogger(__name__)
 
 
+SPLIT_LAYOUTS = ("auto", "sub_batches", "sliced")
+
+
+class _SlicedBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm with its statistics per contiguous slice of the batch, each slice
+    normalised straight into its part of one output (no per-slice tensors, no concatenation)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, slices: int, eps: float):
+        out = torch.empty_like(x)  # keeps channels-last; a slice along N of it is contiguous too
+        # Statistics in the input's dtype, float32 for reduced precisions (as native_batch_norm).
+        stat_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        mean = x.new_empty(slices, x.shape[1], dtype=stat_dtype)
+        invstd = torch.empty_like(mean)
+        for i, (x_i, out_i) in enumerate(zip(x.chunk(slices), out.chunk(slices))):
+            torch.ops.aten.native_batch_norm.out(x_i, weight, bias, None, None, True, 0.0, eps,
+                                                 out=out_i, save_mean=mean[i], save_invstd=invstd[i])
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.slices, ctx.eps = slices, eps
+        ctx.mark_non_differentiable(mean, invstd)
+        return out, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_invstd):
+        x, weight, mean, invstd = ctx.saved_tensors
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last) \
+            if x.is_contiguous(memory_format=torch.channels_last) else grad_out.contiguous()
+        grad_x = torch.empty_like(x)
+        affine = weight is not None
+        # Without affine parameters the input gradient is the one with weight 1 (exactly): the
+        # out= overload wants all three outputs.
+        w = weight if affine else mean.new_ones(x.shape[1])
+        grad_w = w.new_empty(ctx.slices, x.shape[1])
+        grad_b = torch.empty_like(grad_w)
+        for i, (g_i, x_i, gx_i) in enumerate(zip(grad_out.chunk(ctx.slices), x.chunk(ctx.slices),
+                                               grad_x.chunk(ctx.slices))):
+            torch.ops.aten.native_batch_norm_backward.out(
+                g_i, x_i, w, None, None, mean[i], invstd[i], True, ctx.eps, [True, True, True],
+                out0=gx_i, out1=grad_w[i], out2=grad_b[i])
+        if not affine:
+            return grad_x, None, None, None, None
+        return grad_x, grad_w.sum(0), grad_b.sum(0), None, None
+
+
 class SplitBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm for one process that simulates `bn_splits` GPUs (the MoCo CIFAR demo's split BN).
 
-    The encoder runs once per sub-batch (`forward_in_splits`), so each call normalises with its own
-    sub-batch's statistics; the running statistics then take one momentum step towards the mean of
-    the sub-batch statistics, exactly as the demo's reshaped BN does. Running the sub-batches one
-    after another keeps every tensor channels-last and in cache, where the demo's reshape
-    copies each activation to NCHW and back. Called any other way it is a plain BatchNorm2d.
+    `forward_in_splits` makes each BN normalise every sub-batch with its own statistics, in one
+    of two layouts with the same result: `sub_batches` runs the encoder once per sub-batch (each
+    tensor small, channels-last and in cache: the faster on AVX-512 CPUs), `sliced` runs it once
+    over the batch and slices only inside each BN (the convolutions see the whole batch: the
+    faster where small convolutions are slow). The running statistics then take one momentum step
+    towards the mean of the sub-batch statistics, exactly as the demo's reshaped BN does, without
+    its copies to NCHW and back. Called any other way it is a plain BatchNorm2d.
     """
 
     def __init__(self, num_features: int, **kwargs) -> None:
@@ -30,18 +76,24 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         self.register_buffer("split_var_sum", torch.zeros(num_features), persistent=False)
         self.register_buffer("split_calls", torch.zeros((), dtype=torch.long), persistent=False)
         self.collecting = False  # set by forward_in_splits around its sub-batch calls
+        self.slices = 1  # set by forward_in_splits: sub-batches inside one call (layout "sliced")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.collecting and self.training and self.track_running_stats):
             return super().forward(x)
-        out, mean, invstd = torch.native_batch_norm(
-            x, self.weight, self.bias, None, None, True, 0.0, self.eps)
+        if self.slices > 1:
+            out, mean, invstd = _SlicedBatchNorm.apply(x, self.weight, self.bias, self.slices, self.eps)
+        else:
+            out, mean, invstd = torch.native_batch_norm(
+                x, self.weight, self.bias, None, None, True, 0.0, self.eps)
+            mean, invstd = mean[None], invstd[None]
         with torch.no_grad():
-            n = x.numel() // x.shape[1]
-            self.split_mean_sum.add_(mean)
+            n = x.numel() // x.shape[1] // self.slices
+            self.split_mean_sum.add_(mean.sum(0))
             # Running variance is unbiased, as in nn.BatchNorm2d.
-            self.split_var_sum.add_((invstd.pow(-2) - self.eps).clamp_min(0) * (n / max(n - 1, 1)))
-            self.split_calls.add_(1)
+            var = (invstd.pow(-2) - self.eps).clamp_min(0) * (n / max(n - 1, 1))
+            self.split_var_sum.add_(var.sum(0))
+            self.split_calls.add_(self.slices)
         return out
 
     @torch.no_grad()
@@ -64,21 +116,35 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         self.split_calls.zero_()
 
 
+def resolve_split_layout(layout: str, device: torch.device) -> str:
+    """'auto' → `sub_batches` on CPUs, where it measured the faster on both kinds (AVX-512 and
+    AVX2: benchmarks/RESULTS.md, split-BN layouts); `sliced` on GPUs, where one launch per layer
+    beats one per sub-batch (predicted, not measured here)."""
+    if layout not in SPLIT_LAYOUTS:
+        raise ValueError(f"unknown split BN layout {layout!r}: choose one of {SPLIT_LAYOUTS}")
+    if layout != "auto":
+        return layout
+    return "sub_batches" if device.type == "cpu" else "sliced"
+
+
 def forward_in_splits(
     module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, splits: int,
-    norms: list[SplitBatchNorm2d],
+    norms: list[SplitBatchNorm2d], layout: str = "auto",
 ) -> torch.Tensor:
-    """`module` over `splits` contiguous sub-batches of x, then one running-statistics step."""
+    """`module` over x with each split BN normalising `splits` contiguous sub-batches on their own
+    statistics (in `layout`, see SplitBatchNorm2d), then one running-statistics step."""
     n = x.shape[0]
     if n % splits != 0:
         raise ValueError(
             f"batch per process {n} is not a multiple of method.bn_splits={splits}: "
             f"change the batch size or bn_splits"
         )
+    sliced = resolve_split_layout(layout, x.device) == "sliced" and splits > 1
     for bn in norms:
         bn.collecting = True
+        bn.slices = splits if sliced else 1
     try:
-        out = torch.cat([module(chunk) for chunk in x.chunk(splits)])
+        out = module(x) if sliced else torch.cat([module(chunk) for chunk in x.chunk(splits)])
     except BaseException:  # e.g. out of memory: leave no half-collected statistics behind
         for bn in norms:
             bn.discard_()
@@ -86,6 +152,7 @@ def forward_in_splits(
     finally:
         for bn in norms:
             bn.collecting = False
+            bn.slices = 1
     for bn in norms:
         bn.commit_()
     return out

@@ -114,10 +114,12 @@ def _conv_bn_net(bn: type, **kw) -> nn.Module:
                          nn.Conv2d(6, 5, 3, stride=2), bn(5, **kw), nn.Flatten())
 
 
+@pytest.mark.parametrize("layout", ["sub_batches", "sliced"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_split_bn_matches_the_cifar_demos_split_bn(channels_last):
-    """Sub-batches run one at a time give the demo's reshaped BN exactly: outputs, parameter
-    gradients and running statistics (its sub-batches are interleaved, ours contiguous)."""
+def test_split_bn_matches_the_cifar_demos_split_bn(channels_last, layout):
+    """Sub-batches run one at a time, or sliced inside each BN, give the demo's reshaped BN
+    exactly: outputs, parameter gradients and running statistics (its sub-batches are
+    interleaved, ours contiguous)."""
     from fastmoco.bench.reference_models import SplitBatchNorm
 
     torch.manual_seed(0)
@@ -133,7 +135,7 @@ def test_split_bn_matches_the_cifar_demos_split_bn(channels_last):
         # The demo's sub-batch j is samples j, j+s, j+2s...; ours is the j-th contiguous block.
         interleaved = x.view(s, n // s, 3, 8, 8).transpose(0, 1).reshape(n, 3, 8, 8)
         y_demo = demo(interleaved).view(n // s, s, -1).transpose(0, 1).reshape(n, -1)
-        y = forward_in_splits(ours, x.contiguous(memory_format=fmt), s, split_norms(ours))
+        y = forward_in_splits(ours, x.contiguous(memory_format=fmt), s, split_norms(ours), layout)
         torch.testing.assert_close(y, y_demo, rtol=1e-9, atol=1e-9)
         g = torch.randn_like(y)
         demo.zero_grad()
@@ -151,6 +153,34 @@ def test_split_bn_matches_the_cifar_demos_split_bn(channels_last):
     ours.eval()
     demo.eval()
     torch.testing.assert_close(ours(x), demo(x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_split_bn_layouts_agree_without_affine(channels_last):
+    """BN without affine parameters (MoCo v3's last projector BN): the sliced layout's outputs,
+    input gradients and running statistics equal the sub-batch layout's (float64)."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    nets = [convert_split_bn_(_conv_bn_net(nn.BatchNorm2d, affine=False)).double() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x = torch.randn(12, 3, 8, 8, dtype=torch.float64).contiguous(memory_format=fmt)
+    outs, grads = [], []
+    for net, layout in zip(nets, ("sub_batches", "sliced")):
+        x_in = x.clone().requires_grad_()
+        y = forward_in_splits(net, x_in, 3, split_norms(net), layout)
+        y.backward(torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y))
+        outs.append(y.detach())
+        grads.append(x_in.grad)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-9)
+    for (name, a), b in zip(nets[0].named_buffers(), nets[1].buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_split_bn_layout_is_checked():
+    bn = SplitBatchNorm2d(4)
+    with pytest.raises(ValueError, match="unknown split BN layout 'rows'"):
+        forward_in_splits(bn, torch.randn(4, 4, 3, 3), 2, [bn], "rows")
 
 
 def test_split_bn_cumulative_average_when_momentum_is_none():
@@ -276,8 +306,17 @@ def test_split_bn_collects_only_inside_forward_in_splits():
 
     failing.calls = 0
     with pytest.raises(RuntimeError, match="out of memory"):
-        forward_in_splits(failing, x, 2, [bn])
+        forward_in_splits(failing, x, 2, [bn], "sub_batches")
     assert int(bn.split_calls) == 0 and not bn.collecting
+    torch.testing.assert_close(bn.running_mean, plain.running_mean)
+
+    def failing_after_bn(batch: torch.Tensor) -> torch.Tensor:
+        bn(batch)
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        forward_in_splits(failing_after_bn, x, 2, [bn], "sliced")
+    assert int(bn.split_calls) == 0 and not bn.collecting and bn.slices == 1
     torch.testing.assert_close(bn.running_mean, plain.running_mean)
 
 
