@@ -72,6 +72,22 @@ def median_ms(fn, device: torch.device, reps: int, warmup: int = 1) -> float:
     return 1e3 * statistics.median(times)
 
 
+def interleaved_ms(fns: dict, device: torch.device, reps: int) -> dict[str, float]:
+    """Median ms of each fn, timed in turns (A B A B ...) so that a load that comes and goes on a
+    shared machine falls on every provider alike; on CUDA each is timed on its own by do_bench."""
+    if device.type == "cuda":
+        return {name: median_ms(fn, device, reps) for name, fn in fns.items()}
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
 def machine_rates(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
     """(matmul FLOP/s at InfoNCE-like shapes, copy bytes/s) measured on this device."""
     a = torch.randn(1024, 128, device=device, dtype=dtype)
@@ -94,14 +110,18 @@ def infonce_case(n, c, k_rows, dtype, device, reps, providers, rates) -> list[di
     flops = 4.0 * n * k_rows * c
     nbytes = k_rows * c * elem + 3 * n * c * elem
     floor_ms = 1e3 * max(flops / rates[0], nbytes / rates[1])
-    rows = []
-    for name, loss_fn in providers.items():
+    def step_of(loss_fn):
         def step():
             q.grad = None
             loss, _ = loss_fn(q, k, queue, 0.2)
             loss.backward()
+        return step
 
-        ms = median_ms(step, device, reps)
+    steps = {name: step_of(fn) for name, fn in providers.items()}
+    times = interleaved_ms(steps, device, reps)
+    rows = []
+    for name, step in steps.items():
+        ms = times[name]
         mem = peak_extra_mib(step, device)
         rows.append(dict(bench="infonce", provider=name, N=n, C=c, K=k_rows,
                          dtype=str(dtype).split(".")[-1], ms=ms, peak_extra_mib=mem,
