@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from fastmoco import checkpoint as ckpt
 from fastmoco.build import Trainer
-from fastmoco.config import RunConfig, TrainConfig
+from fastmoco.config import QUEUE_VERSIONS, RunConfig, TrainConfig
 from fastmoco.distributed import broadcast_choice, get_world_size, is_distributed
 from fastmoco.progress import Progress
 
@@ -119,7 +119,9 @@ def restore(path: Path, state: dict[str, Any], trainer: Trainer, cfg: TrainConfi
             f"schedule.batch_size={cfg.schedule.batch_size}: keep the global batch to resume "
             f"(the per-process batch follows from it), or start a new run.dir")
     queue = state.get("config", {}).get("method", {}).get("queue_size")
-    if cfg.method.version != "v3" and queue is not None and queue != cfg.method.queue_size:
+    # Both with a queue (a checkpoint of a queue-less method stores 0): another method is
+    # reported by check_model_state with the settings it was trained with.
+    if cfg.method.variant in QUEUE_VERSIONS and queue and queue != cfg.method.queue_size:
         raise ValueError(
             f"{path} was trained with a queue of {queue} keys but method.queue_size="
             f"{cfg.method.queue_size}: set method.queue_size={queue} to resume, or start a new "

@@ -269,12 +269,14 @@ def run_of_four_steps(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("override, match", [
     ("schedule.batch_size=32", "global batch 16 but schedule.batch_size=32: keep the global batch"),
     ("method.queue_size=128", "queue of 64 keys but method.queue_size=128: set method.queue_size=64"),
+    # A queue-less method on a MoCo run's directory: the method, not its queue of 0, is the fix.
+    ("method=byol method.queue_size=0", r"another model.*method.version=v2.*method.queue_size=64.*new run.dir"),
 ])
 def test_resume_with_another_batch_or_queue_names_the_fix(run_of_four_steps, tmp_path, override, match):
     run_dir = tmp_path / "run"
     shutil.copytree(run_of_four_steps, run_dir)
     with pytest.raises(ValueError, match=match):
-        train(make_config([f"run.dir={run_dir}", "schedule.max_steps=8", override]))
+        train(make_config([f"run.dir={run_dir}", "schedule.max_steps=8", *override.split()]))
 
 
 def test_two_processes_agree_on_timed_checkpoints(tmp_path):
