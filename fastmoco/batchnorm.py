@@ -117,9 +117,9 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
 
 
 def resolve_split_layout(layout: str, device: torch.device) -> str:
-    """'auto' → `sub_batches` on CPUs, where it measured the faster on both kinds (AVX-512 and
-    AVX2: benchmarks/RESULTS.md, split-BN layouts); `sliced` on GPUs, where one launch per layer
-    beats one per sub-batch (predicted, not measured here)."""
+    """'auto' → `sub_batches` on CPUs (sliced ran 0.96–0.98× it on an AVX2 EPYC; on an AVX-512
+    Xeon it ran 1.25× BN over the whole batch: benchmarks/RESULTS.md); `sliced` on GPUs, where
+    one launch per layer beats one per sub-batch (predicted, not measured here)."""
     if layout not in SPLIT_LAYOUTS:
         raise ValueError(f"unknown split BN layout {layout!r}: choose one of {SPLIT_LAYOUTS}")
     if layout != "auto":
