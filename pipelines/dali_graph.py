@@ -233,21 +233,20 @@ class FileReader(Reader):
 @dataclass
 class ShardReader(Reader):
     """fn.readers.webdataset over our indexes: image (+ .cls) members of rank shard_id's contiguous
-    slice, shuffled through `shuffle_buffer` samples unless None; a missing image is an error."""
+    slice, in order (the eval loaders; training reads shards through dali.MemberSource); a missing
+    image is an error."""
 
     tars: list[str]
     indexes: list[str]
     labeled: bool
     shard_id: int
     num_shards: int
-    shuffle_buffer: int | None = None
 
     def __call__(self) -> list:
         exts = [";".join(IMAGE_EXTS)] + (["cls"] if self.labeled else [])
-        kw = {} if self.shuffle_buffer is None else {"random_shuffle": True, "initial_fill": self.shuffle_buffer}
         out = fn.readers.webdataset(paths=self.tars, index_paths=self.indexes, ext=exts,
                                     case_sensitive_extensions=False, missing_component_behavior="error",
-                                    name="reader", shard_id=self.shard_id, num_shards=self.num_shards, **kw)
+                                    name="reader", shard_id=self.shard_id, num_shards=self.num_shards)
         return out if isinstance(out, (list, tuple)) else [out]
 
     def label(self, outputs: list):
@@ -279,10 +278,15 @@ def two_view_pipeline(files: Sequence[str] | Reader, recipe: TwoViewRecipe, batc
     serialized, not run, without CUDA: see graph_check)."""
     read = files if isinstance(files, Reader) else FileReader(list(files))
     gpu = device_id is not None if gpu is None else gpu
+    return _define(_two_view, read, recipe, gpu, output_dtype(dtype), states, batch_size=batch_size,
+                   num_threads=num_threads, device_id=device_id, seed=seed)
+
+
+def _define(graph, *args, seed: int, **kw) -> Pipeline:
+    """A training graph (its last argument the RandomStates its body installs), seeded and
+    prefetched alike; the module's states are cleared after it, whatever happens."""
     try:
-        return _two_view(read, recipe, gpu, output_dtype(dtype), states, batch_size=batch_size,
-                         num_threads=num_threads, device_id=device_id, seed=seed % 2**31, prefetch_queue_depth=2,
-                         exec_dynamic=True)
+        return graph(*args, seed=seed % 2**31, prefetch_queue_depth=2, exec_dynamic=True, **kw)
     finally:
         _use_states(None)
 
@@ -300,12 +304,8 @@ def labelled_pipeline(read: Reader, recipe: LinearRecipe, batch_size: int, *, de
     """(linear-probe training views, labels) of what `read` reads (a Reader with labels); placed
     and seeded as two_view_pipeline (labels stay on the CPU)."""
     gpu = device_id is not None if gpu is None else gpu
-    try:
-        return _labelled(read, recipe, gpu, output_dtype(dtype), states, batch_size=batch_size,
-                         num_threads=num_threads, device_id=device_id, seed=seed % 2**31, prefetch_queue_depth=2,
-                         exec_dynamic=True)
-    finally:
-        _use_states(None)
+    return _define(_labelled, read, recipe, gpu, output_dtype(dtype), states, batch_size=batch_size,
+                   num_threads=num_threads, device_id=device_id, seed=seed)
 
 
 @pipeline_def

@@ -51,10 +51,6 @@ class ShardList:
     def __len__(self) -> int:
         return sum(self.counts)
 
-    def epoch_order(self, seed: int, epoch: int) -> list[int]:
-        """Shard order for an epoch: one permutation seeded by seed + epoch, the same on every rank."""
-        return epoch_permutation(len(self.tars), seed, epoch).tolist()
-
     def members(self) -> list[Member]:
         """The image member of every sample, in index order."""
         return [Member(tar, e.image[1], e.image[2], e.image[3])

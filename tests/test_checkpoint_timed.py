@@ -23,6 +23,7 @@ from fastmoco.build import build_loader, build_trainer, local_runtime
 from fastmoco.config import RunConfig, TrainConfig, from_hydra
 from fastmoco.periodic import PeriodicCheckpoints, to_host
 from fastmoco.progress import Progress
+from soak_driver import assert_same
 from fastmoco.train import train
 
 STEPS_PER_EPOCH = 12
@@ -45,23 +46,6 @@ def steps_of(run_dir: Path) -> list[int]:
 def losses(run_dir: Path) -> dict[int, float]:
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
-
-
-def assert_same(got, want, where="state"):
-    """Equal leaf by leaf: tensors bit for bit (same dtype), everything else by ==."""
-    assert type(got) is type(want), where
-    if isinstance(want, torch.Tensor):
-        assert got.dtype == want.dtype and torch.equal(got, want), where
-    elif isinstance(want, dict):
-        assert got.keys() == want.keys(), where
-        for k in want:
-            assert_same(got[k], want[k], f"{where}.{k}")
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want)):
-            assert_same(g, w, f"{where}[{i}]")
-    else:
-        assert got == want, where
 
 
 @pytest.mark.parametrize("setting, value", [
