@@ -32,6 +32,7 @@ POS_EMBEDS = ("learned", "sincos")
 KNN_FEATURES = ("head", "backbone")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 COMPILE = ("auto", "on", "off")
+CONV_WEIGHT_GRADS = ("auto", "native", "gemm")  # fastmoco/conv.py
 LINEAR_MODES = ("full", "cached")
 LINEAR_VIEWS = ("rrc", "pad_crop")
 ENCODERS = ("query", "key")
@@ -262,6 +263,10 @@ class RunConfig:
     channels_last: bool = True
     compile: str = "auto"  # auto | on | off
     compile_min_steps: int = 2000  # auto: compile only when the run is at least this long
+    # How convolutions compute their weight gradient: native (the framework's kernel), gemm
+    # (im2col + GEMM on maps up to 8x8, fastmoco/conv.py) or auto (gemm for fp32 on AVX2-only
+    # CPUs, else native).
+    conv_weight_grad: str = "auto"
     loss_backend: str = "auto"
     ema_backend: str = "auto"
     seed: int = 0
@@ -281,6 +286,7 @@ class RunConfig:
                                                            str(self.compile).lower())
         choose("run.compile", self.compile, COMPILE)
         choose("run.precision", self.precision, PRECISIONS)
+        choose("run.conv_weight_grad", self.conv_weight_grad, CONV_WEIGHT_GRADS)
         if self.log_every < 1 or self.checkpoint_every_epochs < 1:
             raise ValueError(f"run.log_every={self.log_every}, run.checkpoint_every_epochs="
                              f"{self.checkpoint_every_epochs}: both must be at least 1")

@@ -1,0 +1,146 @@
+"""Convolutions whose weight gradient is one GEMM per chunk of unfolded input.
+
+On CPUs without AVX-512, oneDNN computes the weight gradient of a 3×3 convolution with an older
+kernel (jit:avx2) at about half the rate of its own forward pass, while MKL's GEMM over the
+unfolded (im2col) input runs near the mm rate; the ResNet step spends a third of its convolution
+time there (benchmarks/RESULTS.md, "the fp32 step's weight gradients"). `run.conv_weight_grad`
+chooses: `native` (the framework's kernel), `gemm` (this module, for output maps of at most
+MAX_OUTPUT_PIXELS) or `auto` (gemm for fp32 on AVX2-only CPUs, where it was measured faster;
+native elsewhere). The forward pass and the input
+gradient stay the framework's; the weight gradient is the same sum in another order.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from fastmoco.config import CONV_WEIGHT_GRADS, choose
+from fastmoco.device import cpu_kind
+
+# The GEMM path only for output maps of at most 8×8: there it ran 1.2-1.6× oneDNN's weight
+# gradient alone (ResNet-18 at 32 px, AVX2 EPYC), while from 16×16 up the two tied or oneDNN won
+# and the unfolded input (9× the activations) costs memory traffic the step shares.
+MAX_OUTPUT_PIXELS = 64
+# Unfolded input per GEMM: small enough to stay in the last-level cache. On the AVX2 EPYC
+# (32 MiB L3) 8 MiB was the fastest of 1-64 MiB for every ResNet-18 CIFAR shape.
+CHUNK_BYTES = 8 << 20
+
+
+def weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: tuple[int, int],
+                stride: tuple[int, int], padding: tuple[int, int],
+                chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """dL/dW of conv2d(x, W, stride=stride, padding=padding) (one group, no dilation) from
+    dL/dy, as Σ over chunks of images of grad_outᵀ @ im2col(x); (C_out, C_in, kh, kw) with
+    channels-last strides, the layout of a channels-last weight."""
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    c_out, h_out, w_out = grad_out.shape[1:]
+    xp = x.new_empty(n, h + 2 * ph, w + 2 * pw, c)  # NHWC, zero border: every window in bounds
+    xp[:, ph:ph + h, pw:pw + w] = x.permute(0, 2, 3, 1)
+    if ph:
+        xp[:, :ph].zero_()
+        xp[:, ph + h:].zero_()
+    if pw:
+        xp[:, ph:ph + h, :pw].zero_()
+        xp[:, ph:ph + h, pw + w:].zero_()
+    g = grad_out.permute(0, 2, 3, 1)  # NHWC: a free view when grad_out is channels-last
+    s_n, s_h, s_w, s_c = xp.stride()
+    per_image = h_out * w_out * kh * kw * c * x.element_size()
+    step = max(1, min(n, chunk_bytes // per_image))
+    dw = x.new_empty(c_out, kh * kw * c)
+    for i in range(0, n, step):
+        j = min(n, i + step)
+        cols = xp[i:j].as_strided((j - i, h_out, w_out, kh, kw, c),
+                                  (s_n, s_h * sh, s_w * sw, s_h, s_w, s_c)).reshape(-1, kh * kw * c)
+        g_rows = g[i:j].reshape(-1, c_out).t()
+        if i == 0:
+            torch.mm(g_rows, cols, out=dw)
+        else:
+            dw.addmm_(g_rows, cols)
+    return dw.view(c_out, kh, kw, c).permute(0, 3, 1, 2)
+
+
+class _GemmWeightGradConv(torch.autograd.Function):
+    """conv2d forward and input gradient by the framework; weight gradient by `weight_grad`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.padding, ctx.has_bias = stride, padding, bias is not None
+        return F.conv2d(x, weight, bias, stride, padding)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+               else torch.contiguous_format)
+        grad_out = grad_out.contiguous(memory_format=fmt)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad_out, x, weight, None, list(ctx.stride), list(ctx.padding), [1, 1], False,
+                [0, 0], 1, [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            grad_w = weight_grad(x, grad_out, weight.shape[2:], ctx.stride, ctx.padding)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None
+
+
+class GemmGradConv2d(nn.Conv2d):
+    """nn.Conv2d whose backward computes the weight gradient by `weight_grad` when it trains in
+    fp32 (or fp64) on an output map of at most MAX_OUTPUT_PIXELS; otherwise (no grad, autocast,
+    another dtype, a larger map) exactly nn.Conv2d. Same parameters, same state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (torch.is_grad_enabled() and self.weight.requires_grad
+                and x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64)
+                and not torch.is_autocast_enabled(x.device.type)
+                and self._output_pixels(x) <= MAX_OUTPUT_PIXELS):
+            return _GemmWeightGradConv.apply(x, self.weight, self.bias, self.stride, self.padding)
+        return super().forward(x)
+
+    def _output_pixels(self, x: torch.Tensor) -> int:
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        return ((x.shape[-2] + 2 * ph - kh) // sh + 1) * ((x.shape[-1] + 2 * pw - kw) // sw + 1)
+
+
+def gemm_eligible(conv: nn.Module) -> bool:
+    """A plain spatial convolution `weight_grad` computes: one group, no dilation, zero or no
+    padding given as numbers, a kernel larger than 1×1 (1×1 was not measured slower natively)."""
+    return (type(conv) is nn.Conv2d and conv.groups == 1 and conv.dilation == (1, 1)
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+            and conv.kernel_size != (1, 1))
+
+
+def use_gemm_weight_grad_(module: nn.Module) -> int:
+    """Turn every eligible nn.Conv2d under `module` into a GemmGradConv2d in place (the same
+    parameters); returns how many."""
+    count = 0
+    for conv in module.modules():
+        if gemm_eligible(conv):
+            conv.__class__ = GemmGradConv2d
+            count += 1
+    return count
+
+
+def use_native_weight_grad_(module: nn.Module) -> nn.Module:
+    """Undo `use_gemm_weight_grad_` (e.g. before handing the backbone to other code)."""
+    for conv in module.modules():
+        if type(conv) is GemmGradConv2d:
+            conv.__class__ = nn.Conv2d
+    return module
+
+
+def resolve_conv_weight_grad(mode: str, device: torch.device, dtype: torch.dtype) -> str:
+    """auto: gemm for fp32 training on AVX2-only CPUs (measured faster there); native on GPUs,
+    on AVX-512 CPUs (oneDNN has its brgemm weight-gradient kernels there; not measured) and in
+    bf16/fp16 (the gemm path runs fp32 only)."""
+    choose("run.conv_weight_grad", mode, CONV_WEIGHT_GRADS)
+    if mode != "auto":
+        return mode
+    fp32_avx2 = device.type == "cpu" and dtype == torch.float32 and cpu_kind() == "AVX2"
+    return "gemm" if fp32_avx2 else "native"
