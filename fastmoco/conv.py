@@ -5,7 +5,7 @@ kernel (jit:avx2) at about half the rate of its own forward pass, while MKL's GE
 unfolded (im2col) input runs near the mm rate; the ResNet step spends a third of its convolution
 time there (benchmarks/RESULTS.md, "the fp32 step's weight gradients"). `run.conv_weight_grad`
 chooses: `native` (the framework's kernel), `gemm` (this module, for output maps of at most
-MAX_OUTPUT_PIXELS) or `auto` (gemm for fp32 on AVX2-only CPUs, where it was measured faster;
+MAX_OUTPUT_PIXELS from at least MIN_IN_CHANNELS channels) or `auto` (gemm for fp32 on AVX2-only CPUs, where it was measured faster;
 native elsewhere). The forward pass and the input
 gradient stay the framework's; the weight gradient is the same sum in another order.
 """
@@ -19,10 +19,12 @@ from torch.autograd.function import once_differentiable
 from fastmoco.config import CONV_WEIGHT_GRADS, choose
 from fastmoco.device import cpu_kind
 
-# The GEMM path only for output maps of at most 8×8: there it ran 1.2-1.6× oneDNN's weight
-# gradient alone (ResNet-18 at 32 px, AVX2 EPYC), while from 16×16 up the two tied or oneDNN won
-# and the unfolded input (9× the activations) costs memory traffic the step shares.
+# The GEMM path only for output maps of at most 8×8 from at least 256 input channels: there it
+# ran 1.2-1.9× oneDNN's weight gradient alone (ResNet-18 at 32 px, AVX2 EPYC); from 16×16 up,
+# and for narrower layers (the CPU demo's 64-128 channels), the two tied or oneDNN won, and the
+# unfolded input (9× the activations) costs memory traffic the step shares.
 MAX_OUTPUT_PIXELS = 64
+MIN_IN_CHANNELS = 256
 # Unfolded input per GEMM: small enough to stay in the last-level cache. On the AVX2 EPYC
 # (32 MiB L3) 8 MiB was the fastest of 1-64 MiB for every ResNet-18 CIFAR shape.
 CHUNK_BYTES = 8 << 20
@@ -92,13 +94,15 @@ class _GemmWeightGradConv(torch.autograd.Function):
 
 class GemmGradConv2d(nn.Conv2d):
     """nn.Conv2d whose backward computes the weight gradient by `weight_grad` when it trains in
-    fp32 (or fp64) on an output map of at most MAX_OUTPUT_PIXELS; otherwise (no grad, autocast,
-    another dtype, a larger map) exactly nn.Conv2d. Same parameters, same state dict."""
+    fp32 (or fp64) on an output map of at most MAX_OUTPUT_PIXELS from at least MIN_IN_CHANNELS
+    channels; otherwise (no grad, autocast, another dtype, a larger map, a narrower layer)
+    exactly nn.Conv2d. Same parameters, same state dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (torch.is_grad_enabled() and self.weight.requires_grad
                 and x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64)
                 and not torch.is_autocast_enabled(x.device.type)
+                and self.in_channels >= MIN_IN_CHANNELS
                 and self._output_pixels(x) <= MAX_OUTPUT_PIXELS):
             return _GemmWeightGradConv.apply(x, self.weight, self.bias, self.stride, self.padding)
         return super().forward(x)

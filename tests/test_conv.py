@@ -29,6 +29,13 @@ SHAPES = [
 ]
 
 
+@pytest.fixture
+def gemm_everywhere(monkeypatch):
+    """The GEMM path for every shape (by default only small maps of wide layers take it)."""
+    monkeypatch.setattr(conv, "MIN_IN_CHANNELS", 1)
+    monkeypatch.setattr(conv, "MAX_OUTPUT_PIXELS", 10**9)
+
+
 def pair(v):
     return v if isinstance(v, tuple) else (v, v)
 
@@ -66,7 +73,7 @@ def test_weight_grad_matches_autograd(shape, channels_last, chunk_bytes):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_module_gradients_and_forward(bias, dtype):
+def test_module_gradients_and_forward(bias, dtype, gemm_everywhere):
     torch.manual_seed(0)
     ref = nn.Conv2d(6, 10, 3, 2, 1, bias=bias).to(dtype).to(memory_format=torch.channels_last)
     ours = copy.deepcopy(ref)
@@ -86,7 +93,7 @@ def test_module_gradients_and_forward(bias, dtype):
     assert ours.weight.grad.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_first_layer_input_needs_no_grad():
+def test_first_layer_input_needs_no_grad(gemm_everywhere):
     """The stem's input (the images) has no gradient: only the weight's is computed."""
     conv2d = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
     use_gemm_weight_grad_(conv2d)
@@ -94,9 +101,10 @@ def test_first_layer_input_needs_no_grad():
     assert conv2d.weight.grad is not None and conv2d.weight.grad.abs().sum() > 0
 
 
-def test_falls_back_where_it_does_not_apply():
-    """No grad (the key encoder), autocast, frozen weights and output maps larger than
-    MAX_OUTPUT_PIXELS run nn.Conv2d's own path."""
+def test_falls_back_where_it_does_not_apply(monkeypatch):
+    """No grad (the key encoder), autocast, frozen weights, output maps larger than
+    MAX_OUTPUT_PIXELS and layers narrower than MIN_IN_CHANNELS run nn.Conv2d's own path."""
+    monkeypatch.setattr(conv, "MIN_IN_CHANNELS", 4)
     torch.manual_seed(0)
     ref = nn.Conv2d(4, 4, 3, 1, 1, bias=False)
     ours = copy.deepcopy(ref)
@@ -116,8 +124,10 @@ def test_falls_back_where_it_does_not_apply():
         ours(x)
         ours.weight.requires_grad_(True)
         ours(torch.randn(2, 4, 9, 8)).sum().backward()  # 72 output pixels
-        assert conv.MAX_OUTPUT_PIXELS == 64 and calls == []
-        ours.weight.requires_grad_(True)
+        assert calls == []
+        ours(x)
+        assert calls == [1]
+        monkeypatch.setattr(conv, "MIN_IN_CHANNELS", 5)
         ours(x)
         assert calls == [1]
     finally:
@@ -165,7 +175,19 @@ def test_auto_rule(monkeypatch):
         apply_overrides(TrainConfig(), ["run.conv_weight_grad=fast"])
 
 
-def test_build_model_swaps_and_matches_native():
+def test_default_thresholds():
+    """Small maps of wide layers only: ResNet-18 at 32 px has its layer4 (and layer3's 8×8 maps
+    from 256 channels) on the GEMM path, the CPU demo's quarter-width network none."""
+    assert (conv.MAX_OUTPUT_PIXELS, conv.MIN_IN_CHANNELS) == (64, 256)
+    layer4 = GemmGradConv2d(512, 512, 3, 1, 1, bias=False)
+    layer1 = GemmGradConv2d(64, 64, 3, 1, 1, bias=False)
+    assert layer4._output_pixels(torch.empty(1, 512, 4, 4)) == 16
+    assert layer1._output_pixels(torch.empty(1, 64, 32, 32)) == 1024
+    strided = GemmGradConv2d(256, 512, 3, 2, 1, bias=False)
+    assert strided._output_pixels(torch.empty(1, 256, 8, 8)) == 16
+
+
+def test_build_model_swaps_and_matches_native(gemm_everywhere):
     """The one build path swaps both encoders' convolutions when asked; the query encoder's
     gradients then equal the native ones (float64: the same sums in another order)."""
     def model(mode: str):
@@ -184,7 +206,6 @@ def test_build_model_swaps_and_matches_native():
             if "bn" in name and name.endswith("weight"):
                 p.uniform_(0.5, 1.5)
     gemm.load_state_dict(native.state_dict())
-    # 16 px input: the stem and layer1 (16×16 maps) keep the native path, layers 2-4 take GEMMs
     assert sum(type(m) is GemmGradConv2d for m in gemm.query_encoder.modules()) == 17
     assert sum(type(m) is GemmGradConv2d for m in gemm.key_encoder.modules()) == 17
     assert not any(type(m) is GemmGradConv2d for m in native.modules())
