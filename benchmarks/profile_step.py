@@ -159,16 +159,26 @@ def main() -> None:
     print("\nconvolutions: per step in the step, and the same shape alone (GFLOP/s)")
     print(f"{'input':>18} {'weight':>18} s  fwd ms  GF/s   bwd ms  | alone: fwd  dgrad  wgrad  "
           f"wgrad_gemm")
+    bound_s = 0.0  # the step's convolutions alone, each at its own rate: the least step time
     for (x_shape, w_shape), v in sorted(shapes.items(), key=lambda kv: -kv[1]["fwd_ms"]):
         stride = int(v.get("stride", 1)) or 1
         fl = conv_flops(x_shape, w_shape, stride) / 1e9
         fwd_rate = fl * v["fwd_calls"] / (v["fwd_ms"] / 1e3) if v["fwd_ms"] else 0.0
         line = (f"{str(list(x_shape)):>18} {str(list(w_shape)):>18} {stride}  {v['fwd_ms']:6.0f} "
                 f"{fwd_rate:5.0f}   {v['bwd_ms']:6.0f}  |")
-        if not a.no_alone and v["bwd_calls"]:
+        if not a.no_alone:
             r = alone(x_shape, w_shape, stride)
             line += f" {r['fwd']:9.0f} {r['dgrad']:6.0f} {r['wgrad']:6.0f} {r['wgrad_gemm']:10.0f}"
+            # query forward + key forward, and the query's backward (no input gradient at the stem)
+            bwd = v["bwd_calls"] * (fl / max(r["wgrad"], r["wgrad_gemm"])
+                                    + (fl / r["dgrad"] if x_shape[1] > 3 else 0.0))
+            bound_s += v["fwd_calls"] * fl / r["fwd"] + bwd
         print(line, flush=True)
+    if bound_s:
+        ceiling = max(ceil_before, ceil_after)
+        print(f"\nthe convolutions alone at these rates: {bound_s * 1e3:.0f} ms a step; with nothing "
+              f"else in the step it would run {flops / bound_s / 1e9:.0f} GFLOP/s = "
+              f"{100 * flops / bound_s / ceiling:.0f} % of the fp32 mm ceiling ({ceiling / 1e9:.0f})")
     print()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
