@@ -35,6 +35,7 @@ COMPILE = ("auto", "on", "off")
 CONV_WEIGHT_GRADS = ("auto", "native", "gemm")  # fastmoco/conv.py
 LINEAR_MODES = ("full", "cached")
 LINEAR_VIEWS = ("rrc", "pad_crop")
+LINEAR_OPTIMIZERS = ("sgd", "lars")
 ENCODERS = ("query", "key")
 
 
@@ -362,15 +363,19 @@ class TrainConfig:
 @dataclass
 class LinearConfig:
     """The linear protocol: a linear classifier on the frozen backbone, BatchNorm in eval mode.
-    The defaults are the MoCo authors' main_lincls (v1/v2); conf/linear/ holds the v3 and
-    CIFAR presets."""
+    The defaults are the MoCo authors' main_lincls (v1/v2); conf/linear/ holds the v3, BYOL,
+    SimSiam and CIFAR presets."""
 
     mode: str = "full"  # full: the protocol on augmented views | cached: features extracted once
     epochs: int = 100
     batch_size: int = 256  # global
     lr: float = 30.0
     base_batch: Optional[int] = 256  # lr is per this many images
+    # sgd | lars: LARS (fastmoco/optim.py) over the classifier's weight and bias, both adapted,
+    # as SimSiam's main_lincls wraps them in apex's LARC (trust coefficient 0.001, no clipping).
+    optimizer: str = "sgd"
     momentum: float = 0.9
+    nesterov: bool = False  # sgd only: BYOL's protocol uses Nesterov momentum
     weight_decay: float = 0.0
     lr_schedule: str = "step"  # step: x0.1 at the milestones (epochs 60 and 80 of 100)
     milestones: tuple[float, ...] = (0.6, 0.8)
@@ -383,6 +388,12 @@ class LinearConfig:
 
     def __post_init__(self) -> None:
         choose("linear.mode", self.mode, LINEAR_MODES)
+        choose("linear.optimizer", self.optimizer, LINEAR_OPTIMIZERS)
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+            raise ValueError(f"linear.nesterov=true with linear.optimizer={self.optimizer}, "
+                             f"linear.momentum={self.momentum}: Nesterov momentum needs "
+                             f"linear.optimizer=sgd and a positive linear.momentum, or set "
+                             f"linear.nesterov=false")
         choose("linear.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         choose("linear.train_view", self.train_view, LINEAR_VIEWS)
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:

@@ -17,14 +17,14 @@ from torch import nn
 from fastmoco import checkpoint as ckpt
 from fastmoco import resume
 from fastmoco.build import Runtime, init_runtime, seed_process
-from fastmoco.config import EvalConfig
+from fastmoco.config import EvalConfig, LinearConfig
 from fastmoco.data import build_calibration_loader, build_feature_loaders, build_linear_loaders
 from fastmoco.device import autocast
 from fastmoco.distributed import gather_rows, is_distributed
 from fastmoco.knn import distributed_knn_accuracy, extract_features, recalibrate_bn_
 from fastmoco.metrics import MetricsWriter, ProgressBar, setup_logging
 from fastmoco.momentum import lr_at
-from fastmoco.optim import set_lr
+from fastmoco.optim import LARS, set_lr
 from fastmoco.probe import linear_probe
 from fastmoco.progress import Progress, epoch_batches
 from fastmoco.stop import StopFlag
@@ -137,6 +137,20 @@ def evaluate(backbone: nn.Module, classifier: nn.Module, loader: Iterable,
     return (100.0 * counts[0] / counts[2]).item(), (100.0 * counts[1] / counts[2]).item()
 
 
+def linear_optimizer(classifier: nn.Linear, lc: LinearConfig, lr: float) -> torch.optim.Optimizer:
+    """The classifier's optimizer: SGD (Nesterov if asked), or LARS over its weight and bias,
+    both adapted (`exclude_1d: False`), as SimSiam's main_lincls wraps SGD in apex's LARC. The
+    zero-initialised bias takes a plain SGD step until its norm is positive, as in LARC. With
+    weight decay the trust ratio is MoCo v3's ‖θ‖/‖g + wd·θ‖ (LARC's: ‖θ‖/(‖g‖ + wd·‖θ‖));
+    SimSiam's protocol has none."""
+    params = list(classifier.parameters())
+    if lc.optimizer == "lars":
+        return LARS([{"params": params, "exclude_1d": False}], lr=lr,
+                    weight_decay=lc.weight_decay, momentum=lc.momentum)
+    return torch.optim.SGD(params, lr=lr, momentum=lc.momentum, nesterov=lc.nesterov,
+                           weight_decay=lc.weight_decay)
+
+
 def _full(cfg: EvalConfig, rt: Runtime, backbone: nn.Module, info: BackboneInfo) -> dict[str, Any]:
     lc = cfg.linear
     loaders = build_linear_loaders(cfg, rt)
@@ -149,8 +163,7 @@ def _full(cfg: EvalConfig, rt: Runtime, backbone: nn.Module, info: BackboneInfo)
         model = nn.parallel.DistributedDataParallel(
             classifier, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     base_lr = lc.lr_for(lc.batch_size)
-    optimizer = torch.optim.SGD(classifier.parameters(), lr=base_lr, momentum=lc.momentum,
-                                weight_decay=lc.weight_decay)
+    optimizer = linear_optimizer(classifier, lc, base_lr)
     progress = Progress(total_steps=lc.epochs * len(loaders.train))
     latest, state = _own_checkpoint(cfg, info)  # read once: checked, then resumed from
     if latest is not None and cfg.run.resume:
@@ -167,8 +180,9 @@ def _full(cfg: EvalConfig, rt: Runtime, backbone: nn.Module, info: BackboneInfo)
     writer = MetricsWriter(Path(cfg.run.dir), enabled=rt.rank == 0)
     bar = ProgressBar(rt.rank == 0 and cfg.run.progress, progress.total_steps, progress.step, "linear")
     stop = StopFlag()
-    log.info("linear protocol: %d epochs of %d steps, batch %d, lr %g (%s), %d classes", lc.epochs,
-             len(loaders.train), lc.batch_size, base_lr, lc.lr_schedule, loaders.num_classes)
+    log.info("linear protocol: %d epochs of %d steps, batch %d, %s lr %g (%s), %d classes",
+             lc.epochs, len(loaders.train), lc.batch_size, lc.optimizer, base_lr, lc.lr_schedule,
+             loaders.num_classes)
 
     while not (progress.finished or stop.requested):
         epoch = progress.epoch

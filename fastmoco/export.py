@@ -54,7 +54,7 @@ USAGE = """usage: fastmoco export checkpoint=RUN|FILE format=timm|torchvision|de
               torchvision: DIR/model.pth for torchvision.models.<resnet>() (ResNets, standard stem)
               detectron2: DIR/model.pkl renamed as the MoCo authors' converter does (ResNets)
   out         the folder to write (created whole, or replaced if it is an earlier export)
-  encoder     query (default: the trained encoder) or key (its momentum copy)
+  encoder     query (default: the trained encoder) or key (its momentum copy; SimSiam has none)
   name        the timm backbone you expect: a checkpoint of another backbone is refused
 """
 

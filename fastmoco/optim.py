@@ -11,7 +11,9 @@ from fastmoco.config import OptimConfig
 
 class LARS(torch.optim.Optimizer):
     """LARS as in MoCo v3: SGD with momentum whose step is scaled per tensor by the trust ratio
-    ‖θ‖/‖g + wd·θ‖; biases and norm parameters (1-D) are left unscaled and undecayed."""
+    ‖θ‖/‖g + wd·θ‖; biases and norm parameters (1-D) are left unscaled and undecayed, except in
+    a param group with `exclude_1d: False`, which scales and decays them too (apex's LARC over
+    every tensor: SimSiam's linear protocol wraps the classifier's weight and bias in it)."""
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
                  trust_coefficient: float = 0.001) -> None:
@@ -25,9 +27,10 @@ class LARS(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            scaled = [p for p in params if p.ndim > 1]
+            exclude_1d = group.get("exclude_1d", True)
+            scaled = [p for p in params if p.ndim > 1 or not exclude_1d]
             # The update of a scaled tensor is a new tensor: p.grad stays the gradient.
-            update = {p: p.grad for p in params if p.ndim <= 1}
+            update = {p: p.grad for p in params if p.ndim <= 1 and exclude_1d}
             if scaled:
                 d = torch._foreach_add([p.grad for p in scaled], scaled, alpha=group["weight_decay"])
                 p_norm = torch._foreach_norm(scaled)

@@ -162,6 +162,11 @@ def read_checkpoint(source: str | Path, encoder: str = "query", name: Optional[s
     size = int(data.get("image_size") or 224)
     recipe = data.get("recipe")
     mean, std = _recipe_norm(recipe, size)
+    method = dict(cfg.get("method") or {})
+    if encoder == "key" and method.get("name") == "simsiam":
+        raise ValueError(f"encoder=key: {path} is a SimSiam checkpoint, and SimSiam has no "
+                         f"momentum (key) encoder (its target branch is the encoder itself under "
+                         f"stop-gradient): use encoder=query, the trained encoder")
     state = backbone_state(ckpt["model"], encoder)
     progress = ckpt.get("progress") or {}
     info = BackboneInfo(
@@ -169,7 +174,7 @@ def read_checkpoint(source: str | Path, encoder: str = "query", name: Optional[s
         kwargs=dict(bb.get("kwargs") or {}), num_features=0, image_size=size,
         mean=mean, std=std, source=str(path), encoder=encoder,
         step=progress.get("step"), recipe=recipe, checkpoint=str(path.resolve()),
-        extra={"method": dict(cfg.get("method") or {})},
+        extra={"method": method},
     )
     return state, info
 

@@ -431,3 +431,30 @@ def test_failed_rewrite_keeps_the_earlier_export(cifar, tmp_path, monkeypatch):
     ex.export(root, "timm", out, encoder="key")  # a successful rewrite replaces it whole
     assert json.loads((out / "config.json").read_text())["fastmoco"]["encoder"] == "key"
     assert sorted(os.listdir(tmp_path)) == ["cifar"]
+
+
+def test_simsiam_has_no_key_encoder_to_export(tmp_path):
+    """SimSiam keeps no momentum copy: encoder=key names the method and the fix, before anything
+    is written; encoder=query exports its encoder."""
+    from fastmoco.simsiam import SimSiam
+
+    root = tmp_path / "simsiam_run"
+    torch.manual_seed(0)
+    cfg = TrainConfig(
+        method=MethodConfig(name="simsiam", dim=16, mlp_hidden=32, predictor_hidden=8,
+                            queue_size=0, momentum=0.0, symmetric=True),
+        backbone=BackboneConfig(name="resnet18", cifar_stem=True, kwargs=NARROW),
+        data=DataConfig(name="synthetic", image_size=32, recipe="cifar"))
+    model = SimSiam("resnet18", dim=16, mlp_hidden=32, predictor_hidden=8, cifar_stem=True,
+                    backbone_kwargs=NARROW)
+    save_checkpoint(root, STEP, {"model": model.state_dict(), "config": dataclasses.asdict(cfg),
+                                 "progress": {"step": STEP}})
+    out = tmp_path / "key"
+    with pytest.raises(ValueError, match=r"encoder=key: .* is a SimSiam checkpoint, and SimSiam "
+                                         r"has no momentum \(key\) encoder.*use encoder=query"):
+        ex.export(root, "timm", out, encoder="key")
+    assert not out.exists()
+    ex.export(root, "timm", tmp_path / "query", encoder="query")
+    exported, info = load_backbone(tmp_path / "query")
+    assert info.encoder == "query"
+    assert_same_features(exported, model.query_encoder[0], 32)
