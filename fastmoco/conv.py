@@ -1,13 +1,13 @@
 """Convolutions whose weight gradient is one GEMM per chunk of unfolded input.
 
 On CPUs without AVX-512, oneDNN computes the weight gradient of a 3×3 convolution with an older
-kernel (jit:avx2) at about half the rate of its own forward pass, while MKL's GEMM over the
-unfolded (im2col) input runs near the mm rate; the ResNet step spends a third of its convolution
-time there (benchmarks/RESULTS.md, "the fp32 step's weight gradients"). `run.conv_weight_grad`
-chooses: `native` (the framework's kernel), `gemm` (this module, for output maps of at most
-MAX_OUTPUT_PIXELS from at least MIN_IN_CHANNELS channels) or `auto` (gemm for fp32 on AVX2-only CPUs, where it was measured faster;
-native elsewhere). The forward pass and the input
-gradient stay the framework's; the weight gradient is the same sum in another order.
+kernel (jit:avx2) at about half the rate of its own forward pass, where MKL's GEMM over the
+unfolded (im2col) input runs near the mm rate on small maps of wide layers (benchmarks/RESULTS.md,
+session of 2026-12-07). `run.conv_weight_grad` chooses: `native` (the framework's kernel),
+`gemm` (this module, for output maps of at most MAX_OUTPUT_PIXELS from at least MIN_IN_CHANNELS
+channels) or `auto` (gemm for fp32 on AVX2-only CPUs, where it measured ~4 % on the ResNet-18
+CIFAR step; native elsewhere). The forward pass and the input gradient stay the framework's; the
+weight gradient is the same sum in another order.
 """
 from __future__ import annotations
 
