@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"^checkpoint_(\d{9})\.pt$")
 
 
+UNREADABLE_SUFFIX = ".unreadable"
+
+
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -97,23 +100,32 @@ def verify_checkpoint(path: str | Path) -> None:
         raise ValueError(f"record {bad} fails its CRC-32 check")
 
 
-def read_newest(run_dir: str | Path) -> tuple[Optional[Path], Optional[dict[str, Any]]]:
+def read_newest(run_dir: str | Path, set_aside: bool = False
+                ) -> tuple[Optional[Path], Optional[dict[str, Any]]]:
     """The newest checkpoint that reads back whole, and its contents; (None, None) without any.
     Each unreadable one (truncated, empty, bit rot, not a checkpoint) is logged by name and
-    the one before it tried; if none reads, the error lists them all."""
-    failures = []
+    the one before it tried; if none reads, the error lists them all. With `set_aside`, once one
+    reads, the unreadable newer ones are renamed to <name>.unreadable: kept for a look, but no
+    longer counted among the `keep` newest, where they would push out a readable one."""
+    failures, unreadable = [], []
     for path in reversed(list_checkpoints(run_dir)):
         try:
             verify_checkpoint(path)
             state = load_checkpoint(path)
             if not isinstance(state, dict) or "progress" not in state:
                 raise ValueError("it holds no run progress")
-            return path, state
         except Exception as e:  # any reason a file does not read back is a reason to fall back
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'}"
             log.warning("checkpoint %s cannot be read (%s): falling back to the one before it",
                         path.name, reason)
             failures.append(f"{path.name} ({reason})")
+            unreadable.append(path)
+            continue
+        for bad in unreadable if set_aside else []:
+            aside = bad.with_name(bad.name + UNREADABLE_SUFFIX)
+            bad.replace(aside)
+            log.warning("checkpoint %s set aside as %s", bad.name, aside.name)
+        return path, state
     if failures:
         raise RuntimeError(
             f"no checkpoint in {checkpoint_dir(run_dir)} can be read: {'; '.join(failures)}. Move "

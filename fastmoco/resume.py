@@ -13,7 +13,7 @@ import torch.distributed as dist
 from fastmoco import checkpoint as ckpt
 from fastmoco.build import Trainer
 from fastmoco.config import QUEUE_VERSIONS, RunConfig, TrainConfig
-from fastmoco.distributed import broadcast_choice, get_world_size, is_distributed
+from fastmoco.distributed import broadcast_choice, get_rank, get_world_size, is_distributed
 from fastmoco.progress import Progress
 
 log = logging.getLogger("fastmoco")
@@ -21,8 +21,10 @@ log = logging.getLogger("fastmoco")
 
 def read_latest(cfg: TrainConfig) -> tuple[Optional[Path], Optional[dict[str, Any]]]:
     """The run directory's newest readable checkpoint and its contents (read once), if resuming;
-    an unreadable newer one is reported and skipped. Every process must pick the same one."""
-    path, state = ckpt.read_newest(cfg.run.dir) if cfg.run.resume else (None, None)
+    an unreadable newer one is reported, skipped and (by rank 0) set aside, so that it does not
+    count among the checkpoints kept. Every process must pick the same one."""
+    path, state = (ckpt.read_newest(cfg.run.dir, set_aside=get_rank() == 0) if cfg.run.resume
+                   else (None, None))
     if is_distributed():
         picked: list[Any] = [None] * get_world_size()
         dist.all_gather_object(picked, path.name if path else None)

@@ -266,3 +266,35 @@ def test_check_writable_removes_leftovers_and_names_a_read_only_folder(tmp_path,
 
     with pytest.raises(PermissionError, match=f"run.dir={tmp_path} is not writable.*Read-only"):
         check_run_dir(RunConfig(dir=str(tmp_path)), 0, torch.device("cpu"))
+
+
+def test_unreadable_newer_ones_are_set_aside_and_do_not_push_out_readable_ones(tmp_path, caplog):
+    """Resumed from step 10 past an unreadable step 20: without setting it aside, the save at
+    step 15 would keep 15 and the unreadable 20 and delete 10, leaving one readable checkpoint."""
+    ckpt.save_checkpoint(tmp_path, 10, run_state(10))
+    truncate(ckpt.save_checkpoint(tmp_path, 20, run_state(20)))
+    with caplog.at_level("WARNING"):
+        path, _ = ckpt.read_newest(tmp_path, set_aside=True)
+    assert path.name == "checkpoint_000000010.pt"
+    assert "checkpoint_000000020.pt set aside as checkpoint_000000020.pt.unreadable" in caplog.text
+    ckpt.save_checkpoint(tmp_path, 15, run_state(15), keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
+        "checkpoint_000000010.pt", "checkpoint_000000015.pt"]
+    assert (tmp_path / "checkpoints" / "checkpoint_000000020.pt.unreadable").exists()
+    assert ckpt.read_newest(tmp_path)[0].name == "checkpoint_000000015.pt"
+
+
+def test_without_set_aside_nothing_is_renamed(tmp_path):
+    """Readers other than the resuming rank 0 (other ranks, evaluation) only read."""
+    ckpt.save_checkpoint(tmp_path, 10, run_state(10))
+    truncate(ckpt.save_checkpoint(tmp_path, 20, run_state(20)))
+    assert ckpt.read_newest(tmp_path)[0].name == "checkpoint_000000010.pt"
+    assert len(ckpt.list_checkpoints(tmp_path)) == 2
+
+
+def test_nothing_is_set_aside_when_none_reads(tmp_path):
+    for step in (10, 20):
+        truncate(ckpt.save_checkpoint(tmp_path, step, run_state(step)))
+    with pytest.raises(RuntimeError):
+        ckpt.read_newest(tmp_path, set_aside=True)
+    assert len(ckpt.list_checkpoints(tmp_path)) == 2
