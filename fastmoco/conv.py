@@ -148,3 +148,11 @@ def resolve_conv_weight_grad(mode: str, device: torch.device, dtype: torch.dtype
         return mode
     fp32_avx2 = device.type == "cpu" and dtype == torch.float32 and cpu_kind() == "AVX2"
     return "gemm" if fp32_avx2 else "native"
+
+
+def describe_conv_weight_grad(mode: str, device: torch.device, dtype: torch.dtype) -> str:
+    """What the run log says: the resolved choice, and where the GEMM path applies."""
+    chosen = resolve_conv_weight_grad(mode, device, dtype)
+    if chosen != "gemm":
+        return chosen
+    return f"gemm (output maps up to {MAX_OUTPUT_PIXELS} px from {MIN_IN_CHANNELS}+ channels)"

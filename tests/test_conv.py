@@ -168,6 +168,10 @@ def test_auto_rule(monkeypatch):
     for kind in ("AVX512", "AVX512-BF16", "AMX", "DEFAULT"):
         monkeypatch.setattr(conv, "cpu_kind", lambda: kind)
         assert resolve_conv_weight_grad("auto", cpu, torch.float32) == "native"
+    monkeypatch.setattr(conv, "cpu_kind", lambda: "AVX2")
+    assert conv.describe_conv_weight_grad("auto", cpu, torch.float32) == (
+        "gemm (output maps up to 64 px from 256+ channels)")
+    assert conv.describe_conv_weight_grad("native", cpu, torch.float32) == "native"
     with pytest.raises(ValueError, match="run.conv_weight_grad='im2col': choose one of auto, "
                                          "native, gemm"):
         resolve_conv_weight_grad("im2col", cpu, torch.float32)
