@@ -111,13 +111,26 @@ def _own_checkpoint(cfg: EvalConfig, info: BackboneInfo) -> tuple[Any, Any]:
                          f"give the evaluation its own run.dir")
     saved, now = state.get("backbone", {}), dataclasses.asdict(info)
     same = all(saved.get(k) == now[k] for k in ("name", "source", "encoder", "step", "kwargs"))
-    same = same and all(state["config"].get(k) == dataclasses.asdict(cfg)[k]
+    same = same and all(_same_settings(state["config"].get(k), getattr(cfg, k))
                         for k in ("linear", "data", "encoder"))
     if not same:
         raise ValueError(f"run.dir={cfg.run.dir} holds the linear protocol of another backbone or "
                          f"other settings ({latest.name}): give this evaluation its own run.dir, "
                          f"or delete that folder to start over")
     return latest, state
+
+
+def _same_settings(saved: Any, now: Any) -> bool:
+    """A saved config section equals this run's; a setting added since it was written (absent
+    there) counts as its default, the behaviour that run had."""
+    if not dataclasses.is_dataclass(now) or not isinstance(saved, dict):
+        return saved == now
+    current = dataclasses.asdict(now)
+    defaults = {f.name: f.default for f in dataclasses.fields(now)
+                if f.default is not dataclasses.MISSING}
+    return saved.keys() <= current.keys() and all(
+        (saved[k] if k in saved else defaults.get(k, dataclasses.MISSING)) == v
+        for k, v in current.items())
 
 
 @torch.no_grad()

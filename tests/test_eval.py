@@ -12,6 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
+from fastmoco import checkpoint as ckpt
 from fastmoco.checkpoint import latest_checkpoint, load_checkpoint
 from fastmoco.config import EvalConfig, from_hydra
 from fastmoco.evaluate import knn, linear
@@ -96,6 +97,15 @@ def test_bad_input_stops_at_start(pretrained, tiny_cifar, tmp_path):
     linear(eval_config(common(pretrained, tiny_cifar, done) + ["linear.epochs=1"]))
     with pytest.raises(ValueError, match="holds the linear protocol of another backbone or other settings"):
         linear(eval_config(common(pretrained, tiny_cifar, done) + ["linear.epochs=1", "linear.lr=3"]))
+    # A folder written before linear.optimizer/nesterov existed: they read as their defaults.
+    last = ckpt.latest_checkpoint(done)
+    old = ckpt.load_checkpoint(last)
+    del old["config"]["linear"]["optimizer"], old["config"]["linear"]["nesterov"]
+    ckpt.save_atomic(old, last)
+    assert linear(eval_config(common(pretrained, tiny_cifar, done) + ["linear.epochs=1"]))["top1"] >= 0
+    with pytest.raises(ValueError, match="holds the linear protocol of another backbone or other settings"):
+        linear(eval_config(common(pretrained, tiny_cifar, done) + ["linear.epochs=1",
+                                                                  "linear.optimizer=lars"]))
     with pytest.raises(ValueError, match="resnet50"):  # the checkpoint holds a resnet18
         linear(eval_config(common(pretrained, tiny_cifar, tmp_path / "z") + ["name=resnet50"]))
     # A val split whose classes are not the train split's: every label would shift.
