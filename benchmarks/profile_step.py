@@ -29,6 +29,7 @@ from fastmoco.config import TrainConfig, apply_overrides
 from fastmoco.conv import resolve_conv_weight_grad, weight_grad
 from fastmoco.data import SyntheticTwoViewLoader
 from fastmoco.device import describe_cpu
+from step_ab import CASE  # the bench's r18_cifar case (run as python benchmarks/...)
 
 GROUPS = {  # exact aten names: a substring would put addmm_ under add_
     "conv forward": ("aten::mkldnn_convolution",),
@@ -103,11 +104,8 @@ def main() -> None:
     a = p.parse_args()
     w = a.width
     cfg = apply_overrides(TrainConfig(), [
-        "backbone.name=resnet18", "backbone.cifar_stem=true", "data.name=synthetic",
-        "data.image_size=32", f"schedule.batch_size={a.batch}", "method.queue_size=4096",
-        f"method.bn_splits={a.splits}", "method.temperature=0.1", "method.momentum=0.99",
-        "run.compile=off", f"run.precision={a.precision}", "run.device=cpu",
-        "run.channels_last=true", f"+backbone.kwargs.channels=[{w},{2 * w},{4 * w},{8 * w}]",
+        *CASE, f"schedule.batch_size={a.batch}", f"method.bn_splits={a.splits}",
+        f"run.precision={a.precision}", f"+backbone.kwargs.channels=[{w},{2 * w},{4 * w},{8 * w}]",
         *a.set])
     rt = local_runtime(cfg)
     device, dtype = rt.device, rt.dtype
@@ -128,22 +126,22 @@ def main() -> None:
     for e in prof.key_averages():
         if e.key.startswith("aten::"):
             totals[group_of(e.key)] += e.self_cpu_time_total / 1e3 / a.steps
-    # convolution shapes: forward (input, weight, bias, stride, ...) and backward (grad, input, weight, ...)
-    shapes: dict[tuple, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
+    # convolution shapes: forward (input, weight, ...) and backward (grad out, input, weight, ...)
+    shapes: dict[tuple, dict[str, float]] = collections.defaultdict(
+        lambda: collections.defaultdict(float))
     for e in prof.key_averages(group_by_input_shape=True):
         if e.key not in ("aten::mkldnn_convolution", "aten::convolution_backward"):
             continue
-        s = e.input_shapes
-        x_shape, w_shape = (s[0], s[1]) if e.key == "aten::mkldnn_convolution" else (s[1], s[2])
+        forward, s = e.key == "aten::mkldnn_convolution", e.input_shapes
+        x_shape, w_shape = (s[0], s[1]) if forward else (s[1], s[2])
         if len(x_shape) != 4 or len(w_shape) != 4:
             continue
-        x_out = s[0] if e.key == "aten::convolution_backward" else None
-        key = (tuple(x_shape), tuple(w_shape))
-        part = "fwd" if e.key == "aten::mkldnn_convolution" else "bwd"
-        shapes[key][part + "_ms"] += e.self_cpu_time_total / 1e3 / a.steps
-        shapes[key][part + "_calls"] += e.count / a.steps
-        if x_out is not None:
-            shapes[key]["stride"] = x_shape[2] // x_out[2]
+        v = shapes[(tuple(x_shape), tuple(w_shape))]
+        part = "fwd" if forward else "bwd"
+        v[part + "_ms"] += e.self_cpu_time_total / 1e3 / a.steps
+        v[part + "_calls"] += e.count / a.steps
+        if not forward:  # the gradient's map gives the stride
+            v["stride"] = x_shape[2] // s[0][2]
     flops = step_flops(cfg, device)  # FlopCounterMode over one step of the same config
     report = {"cpu": describe_cpu(), "dtype": str(dtype), "batch": a.batch, "splits": a.splits,
               "width": w, "conv_weight_grad": resolve_conv_weight_grad(

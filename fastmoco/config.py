@@ -265,8 +265,8 @@ class RunConfig:
     compile: str = "auto"  # auto | on | off
     compile_min_steps: int = 2000  # auto: compile only when the run is at least this long
     # How convolutions compute their weight gradient: native (the framework's kernel), gemm
-    # (im2col + GEMM on maps up to 8x8 from 256+ channels, fastmoco/conv.py) or auto (gemm for fp32 on AVX2-only
-    # CPUs, else native).
+    # (im2col + GEMM on maps up to 8x8 from 256+ channels, fastmoco/conv.py) or auto (gemm for
+    # fp32 on AVX2-only CPUs, else native).
     conv_weight_grad: str = "auto"
     loss_backend: str = "auto"
     ema_backend: str = "auto"
