@@ -9,6 +9,7 @@ from torch import nn
 
 from fastmoco.backbone import has_batchnorm
 from fastmoco.config import SHUFFLE_BN_MODES, SYNC_BN_VERSIONS, splits_bn
+from fastmoco.winograd import filters_reused
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,8 @@ def forward_in_splits(
         bn.collecting = True
         bn.slices = splits if sliced else 1
     try:
-        out = module(x) if sliced else torch.cat([module(chunk) for chunk in x.chunk(splits)])
+        with filters_reused():  # one set of weights over the sub-batches
+            out = module(x) if sliced else torch.cat([module(chunk) for chunk in x.chunk(splits)])
     except BaseException:  # e.g. out of memory: leave no half-collected statistics behind
         for bn in norms:
             bn.discard_()

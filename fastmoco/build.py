@@ -16,7 +16,7 @@ from torch import nn
 
 from fastmoco.byol import BYOL
 from fastmoco.config import RunConfig, TrainConfig
-from fastmoco.conv import resolve_conv_weight_grad, use_gemm_weight_grad_
+from fastmoco.conv import use_fast_convolutions_
 from fastmoco.data import build_pretrain_loader
 from fastmoco.device import autocast, grad_scaler, resolve_device, resolve_precision
 from fastmoco.distributed import broadcast_choice, broadcast_module_, init_from_env
@@ -91,8 +91,8 @@ def build_model(cfg: TrainConfig, rt: Runtime) -> Siamese:
                      temperature=m.temperature, bn_splits=m.bn_splits, symmetric=m.symmetric,
                      loss_backend=cfg.run.loss_backend, ema_backend=cfg.run.ema_backend,
                      compute_dtype=rt.dtype, **common)
-    if resolve_conv_weight_grad(cfg.run.conv_weight_grad, rt.device, rt.dtype) == "gemm":
-        use_gemm_weight_grad_(model)
+    use_fast_convolutions_(model, cfg.run.conv_weight_grad, cfg.run.conv_winograd, rt.device,
+                           rt.dtype)
     fmt = torch.channels_last if cfg.run.channels_last else torch.preserve_format
     return model.to(rt.device, memory_format=fmt)
 

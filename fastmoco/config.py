@@ -33,6 +33,7 @@ KNN_FEATURES = ("head", "backbone")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 COMPILE = ("auto", "on", "off")
 CONV_WEIGHT_GRADS = ("auto", "native", "gemm")  # fastmoco/conv.py
+CONV_WINOGRAD = ("auto", "on", "off")  # fastmoco/winograd.py
 LINEAR_MODES = ("full", "cached")
 LINEAR_VIEWS = ("rrc", "pad_crop")
 LINEAR_OPTIMIZERS = ("sgd", "lars")
@@ -268,6 +269,9 @@ class RunConfig:
     # (im2col + GEMM on maps up to 8x8 from 256+ channels, fastmoco/conv.py) or auto (gemm for
     # fp32 on AVX2-only CPUs, else native).
     conv_weight_grad: str = "auto"
+    # 3x3 stride-1 convolutions of 256+ channels by Winograd F(2x2,3x3) (fastmoco/winograd.py):
+    # on, off or auto (on for fp32 on AVX2-only CPUs, else off).
+    conv_winograd: str = "auto"
     loss_backend: str = "auto"
     ema_backend: str = "auto"
     seed: int = 0
@@ -288,6 +292,9 @@ class RunConfig:
         choose("run.compile", self.compile, COMPILE)
         choose("run.precision", self.precision, PRECISIONS)
         choose("run.conv_weight_grad", self.conv_weight_grad, CONV_WEIGHT_GRADS)
+        self.conv_winograd = {"true": "on", "false": "off"}.get(
+            str(self.conv_winograd).lower(), str(self.conv_winograd).lower())
+        choose("run.conv_winograd", self.conv_winograd, CONV_WINOGRAD)
         if self.log_every < 1 or self.checkpoint_every_epochs < 1:
             raise ValueError(f"run.log_every={self.log_every}, run.checkpoint_every_epochs="
                              f"{self.checkpoint_every_epochs}: both must be at least 1")

@@ -7,7 +7,8 @@ session of 2026-12-07). `run.conv_weight_grad` chooses: `native` (the framework'
 `gemm` (this module, for output maps of at most MAX_OUTPUT_PIXELS from at least MIN_IN_CHANNELS
 channels) or `auto` (gemm for fp32 on AVX2-only CPUs, where it measured ~4 % on the ResNet-18
 CIFAR step; native elsewhere). The forward pass and the input gradient stay the framework's; the
-weight gradient is the same sum in another order.
+weight gradient is the same sum in another order. `use_fast_convolutions_` applies this and
+`run.conv_winograd` (fastmoco/winograd.py: wide 3×3 stride-1 layers, all three passes) to a model.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from fastmoco.config import CONV_WEIGHT_GRADS, choose
+from fastmoco.config import CONV_WEIGHT_GRADS, CONV_WINOGRAD, choose
 from fastmoco.device import cpu_kind
+from fastmoco.winograd import MIN_CHANNELS as WINOGRAD_MIN_CHANNELS
+from fastmoco.winograd import WinogradConv2d, use_winograd_
 
 # The GEMM path only for output maps of at most 8×8 from at least 256 input channels: there it
 # ran 1.2-1.9× oneDNN's weight gradient alone (ResNet-18 at 32 px, AVX2 EPYC); from 16×16 up,
@@ -131,12 +134,16 @@ def use_gemm_weight_grad_(module: nn.Module) -> int:
     return count
 
 
-def use_native_weight_grad_(module: nn.Module) -> nn.Module:
-    """Undo `use_gemm_weight_grad_` (e.g. before handing the backbone to other code)."""
+def use_native_convolutions_(module: nn.Module) -> nn.Module:
+    """Undo `use_fast_convolutions_` (e.g. before handing the backbone to other code)."""
     for conv in module.modules():
-        if type(conv) is GemmGradConv2d:
+        if type(conv) in (GemmGradConv2d, WinogradConv2d):
             conv.__class__ = nn.Conv2d
     return module
+
+
+def _fp32_on_avx2(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype == torch.float32 and cpu_kind() == "AVX2"
 
 
 def resolve_conv_weight_grad(mode: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -146,13 +153,35 @@ def resolve_conv_weight_grad(mode: str, device: torch.device, dtype: torch.dtype
     choose("run.conv_weight_grad", mode, CONV_WEIGHT_GRADS)
     if mode != "auto":
         return mode
-    fp32_avx2 = device.type == "cpu" and dtype == torch.float32 and cpu_kind() == "AVX2"
-    return "gemm" if fp32_avx2 else "native"
+    return "gemm" if _fp32_on_avx2(device, dtype) else "native"
 
 
-def describe_conv_weight_grad(mode: str, device: torch.device, dtype: torch.dtype) -> str:
-    """What the run log says: the resolved choice, and where the GEMM path applies."""
-    chosen = resolve_conv_weight_grad(mode, device, dtype)
-    if chosen != "gemm":
-        return chosen
-    return f"gemm (output maps up to {MAX_OUTPUT_PIXELS} px from {MIN_IN_CHANNELS}+ channels)"
+def resolve_conv_winograd(mode: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether wide 3×3 stride-1 convolutions run by F(2×2, 3×3) (fastmoco/winograd.py). auto:
+    for fp32 on AVX2-only CPUs, where oneDNN has no Winograd kernel and it measured faster; not
+    on AVX-512 CPUs and GPUs (not measured there), nor in bf16/fp16 (fp32 and fp64 only)."""
+    choose("run.conv_winograd", mode, CONV_WINOGRAD)
+    return mode == "on" or (mode == "auto" and _fp32_on_avx2(device, dtype))
+
+
+def use_fast_convolutions_(model: nn.Module, weight_grad: str, winograd: str,
+                           device: torch.device, dtype: torch.dtype) -> None:
+    """Swap the classes of `model`'s convolutions in place as the two settings resolve:
+    Winograd first (it computes all three passes), the GEMM weight gradient for the rest."""
+    if resolve_conv_winograd(winograd, device, dtype):
+        use_winograd_(model)
+    if resolve_conv_weight_grad(weight_grad, device, dtype) == "gemm":
+        use_gemm_weight_grad_(model)
+
+
+def describe_convolutions(weight_grad: str, winograd: str, device: torch.device,
+                          dtype: torch.dtype) -> str:
+    """What the run log says: the resolved choices and where they apply."""
+    chosen = resolve_conv_weight_grad(weight_grad, device, dtype)
+    if chosen == "gemm":
+        chosen = (f"gemm (output maps up to {MAX_OUTPUT_PIXELS} px from {MIN_IN_CHANNELS}+ "
+                  "channels)")
+    text = f"weight grads {chosen}"
+    if resolve_conv_winograd(winograd, device, dtype):
+        text += f", Winograd F(2x2,3x3) for 3x3 stride-1 layers of {WINOGRAD_MIN_CHANNELS}+ channels"
+    return text

@@ -14,7 +14,7 @@ from fastmoco.build import (
     build_loader, build_schedules, build_trainer, init_runtime, planned_steps, seed_process,
 )
 from fastmoco.config import TrainConfig
-from fastmoco.conv import describe_conv_weight_grad
+from fastmoco.conv import describe_convolutions
 from fastmoco.metrics import MetricsWriter, ProgressBar, Throughput, setup_logging
 from fastmoco.monitor import KnnMonitor
 from fastmoco.periodic import PeriodicCheckpoints
@@ -43,10 +43,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         resume.restore(path, state, trainer, cfg)
         del state  # the trainer holds its own copies now
     schedules = build_schedules(cfg, len(loader))
-    log.info("device %s, %s, channels_last=%s, compile=%s, conv weight grads %s, %d process(es), "
+    log.info("device %s, %s, channels_last=%s, compile=%s, convolutions: %s, %d process(es), "
              "batch %d per process, shuffle_bn=%s, %d steps per epoch, %d steps planned",
              rt.device, rt.dtype_name, cfg.run.channels_last, trainer.compiled,
-             describe_conv_weight_grad(cfg.run.conv_weight_grad, rt.device, rt.dtype), rt.world_size,
+             describe_convolutions(cfg.run.conv_weight_grad, cfg.run.conv_winograd, rt.device,
+                                   rt.dtype), rt.world_size,
              cfg.schedule.batch_size // rt.world_size, trainer.moco.shuffle_bn, len(loader),
              progress.total_steps)
 

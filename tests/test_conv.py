@@ -15,7 +15,7 @@ from fastmoco.backbone import create_backbone
 from fastmoco.build import build_model, local_runtime
 from fastmoco.config import TrainConfig, apply_overrides
 from fastmoco.conv import (
-    GemmGradConv2d, resolve_conv_weight_grad, use_gemm_weight_grad_, use_native_weight_grad_,
+    GemmGradConv2d, resolve_conv_weight_grad, use_gemm_weight_grad_, use_native_convolutions_,
     weight_grad,
 )
 
@@ -145,7 +145,7 @@ def test_swap_keeps_parameters_and_state_dict():
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
     twin = copy.deepcopy(net)
     assert sum(type(m) is GemmGradConv2d for m in twin.modules()) == spatial
-    use_native_weight_grad_(twin)
+    use_native_convolutions_(twin)
     assert not any(type(m) is GemmGradConv2d for m in twin.modules())
 
 
@@ -169,9 +169,9 @@ def test_auto_rule(monkeypatch):
         monkeypatch.setattr(conv, "cpu_kind", lambda: kind)
         assert resolve_conv_weight_grad("auto", cpu, torch.float32) == "native"
     monkeypatch.setattr(conv, "cpu_kind", lambda: "AVX2")
-    assert conv.describe_conv_weight_grad("auto", cpu, torch.float32) == (
-        "gemm (output maps up to 64 px from 256+ channels)")
-    assert conv.describe_conv_weight_grad("native", cpu, torch.float32) == "native"
+    assert conv.describe_convolutions("auto", "off", cpu, torch.float32) == (
+        "weight grads gemm (output maps up to 64 px from 256+ channels)")
+    assert conv.describe_convolutions("native", "off", cpu, torch.float32) == "weight grads native"
     with pytest.raises(ValueError, match="run.conv_weight_grad='im2col': choose one of auto, "
                                          "native, gemm"):
         resolve_conv_weight_grad("im2col", cpu, torch.float32)

@@ -1,0 +1,285 @@
+"""3×3 stride-1 convolutions by Winograd's minimal filtering F(2×2, 3×3), forward and backward.
+
+Each 2×2 block of outputs is computed from a 4×4 tile of input with 16 multiplies per input and
+output channel pair instead of 36 (Lavin & Gray, "Fast Algorithms for Convolutional Neural
+Networks", CVPR 2016): Y = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A, the ⊙ summed over input channels as 16 GEMMs.
+On CPUs without AVX-512 oneDNN has no Winograd kernel, and the direct convolutions of a wide
+layer run at about the mm rate, so 2.25× fewer multiplies pay for the tile transforms where the
+layer is wide (benchmarks/RESULTS.md, session of 2026-12-07 (2)). The backward pass stays in the
+transformed domain: dU = Vᵀ dM and dV = dM Uᵀ, the same GEMM shapes, then the adjoint transforms.
+`run.conv_winograd` chooses (fastmoco/conv.py applies it). Transforms have entries 0, ±½, ±1:
+in fp32 the result differs from the direct sum by rounding only (tests/test_winograd.py).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+# G (4×3): the filter transform; the 16×9 matrix G⊗G maps a 3×3 filter to its 4×4 transform.
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def _filter_matrix(like: torch.Tensor) -> torch.Tensor:
+    g = torch.tensor(_G, dtype=like.dtype, device=like.device)
+    return torch.kron(g, g)  # (16, 9): row a*4+b, column i*3+j
+
+
+def _taps_last(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as (C_out, 9, C_in): a free view of a channels-last weight."""
+    c_out, c_in = weight.shape[:2]
+    return weight.permute(0, 2, 3, 1).reshape(c_out, 9, c_in)
+
+
+def filter_transform(weight: torch.Tensor) -> torch.Tensor:
+    """U = G g Gᵀ of a (C_out, C_in, 3, 3) weight, as (16, C_in, C_out) for V @ U (a view of
+    (C_out, 16, C_in) memory, which the GEMM reads transposed)."""
+    return torch.matmul(_filter_matrix(weight), _taps_last(weight)).permute(1, 2, 0)
+
+
+def filter_transform_adjoint(grad_u_t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """dL/dg (C_out, C_in, 3, 3) from dL/dU given as (C_out, 16, C_in)."""
+    dw = torch.matmul(_filter_matrix(grad_u_t).t(), grad_u_t)  # (C_out, 9, C_in): channels-last
+    c_out, _, c_in = dw.shape
+    dw = dw.view(c_out, 3, 3, c_in).permute(0, 3, 1, 2)
+    return dw if channels_last else dw.contiguous()
+
+
+def _every_other(t: torch.Tensor, dim: int, start: int, count: int) -> torch.Tensor:
+    return t[(slice(None),) * dim + (slice(start, start + 2 * count - 1, 2),)]
+
+
+def _input_transform_1d(src: torch.Tensor, dim: int, tiles: int, out: torch.Tensor) -> None:
+    """Bᵀd along `dim` for every tile (4 samples at stride 2): out[k] for k in 0..3."""
+    s = [_every_other(src, dim, j, tiles) for j in range(4)]
+    s2 = _every_other(src, dim, 2, tiles)
+    torch.sub(s[0], s2, out=out[0])
+    torch.add(s[1], s2, out=out[1])
+    torch.sub(s2, s[1], out=out[2])
+    torch.sub(s[1], s[3], out=out[3])
+
+
+def _input_adjoint_1d(d: torch.Tensor, dim: int, out: torch.Tensor) -> None:
+    """The adjoint of `_input_transform_1d`: B d[k] overlap-added over the tiles into `out`
+    (2·tiles + 2 long along `dim`, zeroed by the caller)."""
+    tiles = d.shape[dim + 1]
+    even, odd = _every_other(out, dim, 0, tiles + 1), _every_other(out, dim, 1, tiles + 1)
+    first = (slice(None),) * dim + (slice(0, tiles),)
+    last = (slice(None),) * dim + (slice(1, tiles + 1),)
+    even[first].copy_(d[0])
+    even[last].add_(d[1] + d[2] - d[0])
+    odd[first].copy_(d[1] - d[2] + d[3])
+    odd[last].sub_(d[3])
+
+
+def _output_transform_1d(m: torch.Tensor, dim: int, out: torch.Tensor) -> None:
+    """Aᵀm over the leading axis of 4 coefficients (tiles along `dim`): the two outputs of each
+    tile, written at even and odd positions of `out` along `dim`."""
+    tiles = m.shape[dim + 1]
+    torch.add(m[0] + m[1], m[2], out=_every_other(out, dim, 0, tiles))
+    torch.sub(m[1] - m[2], m[3], out=_every_other(out, dim, 1, tiles))
+
+
+def _output_adjoint_1d(g: torch.Tensor, dim: int, out: torch.Tensor) -> None:
+    """The adjoint of `_output_transform_1d`: from the outputs along `dim` to 4 coefficients."""
+    tiles = g.shape[dim] // 2
+    g0, g1 = _every_other(g, dim, 0, tiles), _every_other(g, dim, 1, tiles)
+    out[0].copy_(g0)
+    torch.add(g0, g1, out=out[1])
+    torch.sub(g0, g1, out=out[2])
+    torch.neg(g1, out=out[3])
+
+
+def input_transform(x: torch.Tensor) -> torch.Tensor:
+    """V = Bᵀ d B for every 4×4 tile (stride 2) of x zero-padded by 1 (and to even sizes):
+    (16, N·tiles, C_in) from an (N, C_in, H, W) input."""
+    n, c, h, w = x.shape
+    th, tw = (h + 1) // 2, (w + 1) // 2
+    xp = x.new_zeros(n, 2 * th + 2, 2 * tw + 2, c)
+    xp[:, 1:h + 1, 1:w + 1] = x.permute(0, 2, 3, 1)
+    rows = x.new_empty(4, n, th, 2 * tw + 2, c)
+    _input_transform_1d(xp, 1, th, rows)
+    v = x.new_empty(4, 4, n, th, tw, c)
+    for i in range(4):
+        _input_transform_1d(rows[i], 2, tw, v[i])
+    return v.view(16, n * th * tw, c)
+
+
+def input_adjoint(grad_v: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """dL/dx (channels-last) from dL/dV, the adjoint of `input_transform` for input `shape`."""
+    n, c, h, w = shape
+    th, tw = (h + 1) // 2, (w + 1) // 2
+    dv = grad_v.view(4, 4, n, th, tw, c)
+    rows = grad_v.new_zeros(4, n, th, 2 * tw + 2, c)
+    for i in range(4):
+        _input_adjoint_1d(dv[i], 2, rows[i])
+    dxp = grad_v.new_zeros(n, 2 * th + 2, 2 * tw + 2, c)
+    _input_adjoint_1d(rows, 1, dxp)
+    dx = dxp[:, 1:h + 1, 1:w + 1]
+    return dx.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+
+def output_transform(m: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    """Y = Aᵀ M A for every tile: (N, C_out, H, W), channels-last, from M (16, N·tiles, C_out)."""
+    th, tw = (h + 1) // 2, (w + 1) // 2
+    c = m.shape[-1]
+    mm = m.view(4, 4, n, th, tw, c)
+    y = m.new_empty(n, 2 * th, 2 * tw, c)
+    yr = y.view(n, th, 2, 2 * tw, c)
+    rows = (mm[0] + mm[1] + mm[2], mm[1] - mm[2] - mm[3])  # Aᵀ over the tile's rows
+    for a in range(2):
+        _output_transform_1d(rows[a], 2, yr[:, :, a])
+    if (h, w) != (2 * th, 2 * tw):
+        y = y[:, :h, :w]
+    return y.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+
+def output_adjoint(grad_y: torch.Tensor) -> torch.Tensor:
+    """dL/dM (16, N·tiles, C_out) from dL/dY, the adjoint of `output_transform`."""
+    n, c, h, w = grad_y.shape
+    th, tw = (h + 1) // 2, (w + 1) // 2
+    g = grad_y.permute(0, 2, 3, 1)
+    if (h, w) != (2 * th, 2 * tw):
+        g = F.pad(g, (0, 0, 0, 2 * tw - w, 0, 2 * th - h))
+    gr = g.unflatten(1, (th, 2))
+    cols = grad_y.new_empty(2, 4, n, th, tw, c)
+    for a in range(2):
+        _output_adjoint_1d(gr[:, :, a], 2, cols[a])
+    dm = grad_y.new_empty(4, 4, n, th, tw, c)  # A over the tile's rows
+    dm[0].copy_(cols[0])
+    torch.add(cols[0], cols[1], out=dm[1])
+    torch.sub(cols[0], cols[1], out=dm[2])
+    torch.neg(cols[1], out=dm[3])
+    return dm.view(16, n * th * tw, c)
+
+
+class _FilterTransform(torch.autograd.Function):
+    """U = G g Gᵀ with its gradient: a transformed filter that several calls share (the split-BN
+    sub-batches) takes the sum of their dU and transforms it back once."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        ctx.channels_last = weight.is_contiguous(memory_format=torch.channels_last)
+        return filter_transform(weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_u):
+        return filter_transform_adjoint(grad_u.permute(2, 0, 1).contiguous(), ctx.channels_last)
+
+
+class _WinogradConv(torch.autograd.Function):
+    """conv2d(x, ·, bias, stride=1, padding=1) given the transformed 3×3 filter U."""
+
+    @staticmethod
+    def forward(ctx, x, u, bias):
+        n, _, h, w = x.shape
+        v = input_transform(x)
+        y = output_transform(torch.bmm(v, u), n, h, w)
+        if bias is not None:
+            y = y.add_(bias.view(1, -1, 1, 1))
+        ctx.save_for_backward(v, u)
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        v, u = ctx.saved_tensors
+        dm = output_adjoint(grad_y)
+        grad_x = grad_u = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = input_adjoint(torch.bmm(dm, u.transpose(1, 2)), ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            # dUᵀ = dMᵀ V, written straight into (C_out, 16, C_in), the memory order of U
+            c_in, c_out = u.shape[1:]
+            du_t = dm.new_empty(c_out, 16, c_in)
+            torch.bmm(dm.transpose(1, 2), v, out=du_t.transpose(0, 1))
+            grad_u = du_t.permute(1, 2, 0)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_y.sum((0, 2, 3))
+        return grad_x, grad_u, grad_b
+
+
+def transformed_filter(weight: torch.Tensor) -> torch.Tensor:
+    """U of `weight` (16, C_in, C_out), differentiable when grad mode needs it."""
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return _FilterTransform.apply(weight)
+    with torch.no_grad():
+        return filter_transform(weight)
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+            u: torch.Tensor | None = None) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=1) for a 3×3 weight by F(2×2, 3×3); channels-last out.
+    `u`: the weight's `transformed_filter`, when the caller already has it."""
+    u = transformed_filter(weight) if u is None else u
+    if torch.is_grad_enabled() and (x.requires_grad or u.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _WinogradConv.apply(x, u, bias)
+    n, _, h, w = x.shape
+    y = output_transform(torch.bmm(input_transform(x), u), n, h, w)
+    return y if bias is None else y.add_(bias.view(1, -1, 1, 1))
+
+
+# Transformed filters shared inside `filters_reused` (key: the module and the grad mode).
+_shared: dict[tuple[int, bool], torch.Tensor] | None = None
+
+
+@contextlib.contextmanager
+def filters_reused() -> Iterator[None]:
+    """Within this block the weights do not change (one forward over several sub-batches): each
+    WinogradConv2d transforms its filter once, and its gradient flows back once."""
+    global _shared
+    outer = _shared
+    if outer is None:
+        _shared = {}
+    try:
+        yield
+    finally:
+        _shared = outer
+
+
+# Layers at least this wide: there the 16 GEMMs per tile position are large enough to run near
+# the mm rate and the tile transforms (memory passes over 4× the activations) stay small beside
+# them. Measured on the AVX2 EPYC (fp32, 2 threads), ResNet-18 at 32 px in sub-batches of 32:
+# forward + backward 1.2-1.5× oneDNN from 256 channels, about even at 128 and 0.5× at 64.
+MIN_CHANNELS = 256
+
+
+class WinogradConv2d(nn.Conv2d):
+    """nn.Conv2d (3×3, stride 1, padding 1) computed by F(2×2, 3×3) in fp32/fp64 outside
+    autocast; otherwise exactly nn.Conv2d. Same parameters, same state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64)
+                and x.dim() == 4 and not torch.is_autocast_enabled(x.device.type)):
+            if _shared is None:
+                return conv3x3(x, self.weight, self.bias)
+            key = (id(self), torch.is_grad_enabled())
+            if key not in _shared:
+                _shared[key] = transformed_filter(self.weight)
+            return conv3x3(x, self.weight, self.bias, u=_shared[key])
+        return super().forward(x)
+
+
+def winograd_eligible(conv: nn.Module) -> bool:
+    """A plain 3×3 stride-1 'same' convolution of at least MIN_CHANNELS in and out."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS)
+
+
+def use_winograd_(module: nn.Module) -> int:
+    """Turn every eligible convolution under `module` into a WinogradConv2d in place (the same
+    parameters); returns how many."""
+    count = 0
+    for conv in module.modules():
+        if winograd_eligible(conv):
+            conv.__class__ = WinogradConv2d
+            count += 1
+    return count

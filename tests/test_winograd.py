@@ -1,0 +1,200 @@
+"""Winograd F(2×2, 3×3) convolutions (fastmoco/winograd.py) against F.conv2d: values and
+gradients in float64 to ~1e-12 (the same sums through exact ±1, ±½ transforms), fp32 against a
+float64 reference to 1e-5 relative; filters shared over split-BN sub-batches; the module swap,
+its fall-backs and the auto rule."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmoco import conv, winograd
+from fastmoco.build import build_model, local_runtime
+from fastmoco.config import TrainConfig, apply_overrides
+from fastmoco.winograd import (
+    WinogradConv2d, conv3x3, filters_reused, use_winograd_, winograd_eligible,
+)
+
+# n, c_in, c_out, h, w: even maps, odd and non-square ones (padded to whole tiles), 1×1 and 1×2
+SHAPES = [(4, 8, 16, 8, 8), (3, 5, 7, 7, 5), (2, 6, 4, 1, 1), (2, 3, 9, 1, 2), (1, 16, 8, 12, 10)]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def inputs(shape, dtype, channels_last, bias, seed=0):
+    n, c_in, c_out, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c_in, h, w, generator=g, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c_in, 3, 3, generator=g, dtype=dtype)
+    if channels_last:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    b = torch.randn(c_out, generator=g, dtype=dtype) if bias else None
+    grad_y = torch.randn(n, c_out, h, w, generator=g, dtype=dtype)
+    return x, weight, b, grad_y
+
+
+def values_and_grads(fn, x, weight, bias, grad_y):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight)]
+    if bias is not None:
+        leaves.append(bias.detach().clone().requires_grad_())
+    y = fn(*leaves)
+    return [y, *torch.autograd.grad(y, leaves, grad_y)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+def test_float64_equals_conv2d(shape, channels_last, bias):
+    x, weight, b, grad_y = inputs(shape, torch.float64, channels_last, bias)
+    ours = values_and_grads(lambda *a: conv3x3(*a), x, weight, b, grad_y)
+    ref = values_and_grads(lambda *a: F.conv2d(*a, padding=1), x, weight, b, grad_y)
+    for name, o, r in zip(("y", "dx", "dw", "db"), ours, ref):
+        assert o.shape == r.shape, name
+        assert rel_err(o, r) < 1e-12, name
+    assert ours[0].is_contiguous(memory_format=torch.channels_last)
+    assert ours[2].is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fp32_against_float64(seed):
+    """fp32 rounding only: the transforms' entries are 0, ±½, ±1 and the ResNet-width sums (288
+    and 4,608 terms) stay within 1e-5 of the float64 result, as the direct fp32 sum does."""
+    for shape in [(4, 32, 32, 8, 8), (2, 512, 64, 4, 4)]:
+        x, weight, b, grad_y = inputs(shape, torch.float64, True, True, seed)
+        ref = values_and_grads(lambda *a: F.conv2d(*a, padding=1), x, weight, b, grad_y)
+        ours = values_and_grads(lambda *a: conv3x3(*a), x.float(), weight.float(), b.float(),
+                                grad_y.float())
+        for name, o, r in zip(("y", "dx", "dw", "db"), ours, ref):
+            assert o.dtype == torch.float32
+            assert rel_err(o.double(), r) < 1e-5, (shape, name)
+
+
+def test_no_grad_forward_equals_conv2d():
+    x, weight, b, _ = inputs(SHAPES[1], torch.float64, True, True)
+    with torch.no_grad():
+        assert rel_err(conv3x3(x, weight, b), F.conv2d(x, weight, b, padding=1)) < 1e-12
+
+
+def test_filters_shared_over_sub_batches(monkeypatch):
+    """Inside `filters_reused` each module transforms its filter once per grad mode; the summed
+    dU of the sub-batches flows back once and equals the direct convolution's weight gradient."""
+    calls = []
+    real = winograd.filter_transform
+    monkeypatch.setattr(winograd, "filter_transform", lambda w: calls.append(1) or real(w))
+    torch.manual_seed(0)
+    ref = nn.Conv2d(6, 10, 3, padding=1).double()
+    ours = WinogradConv2d(6, 10, 3, padding=1).double()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(8, 6, 6, 6, dtype=torch.float64)
+    y_ref = torch.cat([ref(chunk) for chunk in x.chunk(4)])
+    with filters_reused():
+        y = torch.cat([ours(chunk) for chunk in x.chunk(4)])
+        with torch.no_grad():  # another grad mode: its own transform, no graph
+            y_key = torch.cat([ours(chunk) for chunk in x.chunk(4)])
+    assert len(calls) == 2 and not y_key.requires_grad
+    assert rel_err(y, y_ref) < 1e-12 and rel_err(y_key, y_ref) < 1e-12
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    assert rel_err(ours.weight.grad, ref.weight.grad) < 1e-12
+    assert rel_err(ours.bias.grad, ref.bias.grad) < 1e-12
+    calls.clear()
+    ours(x)  # outside the block: nothing is kept between forwards (the weights may change)
+    ours(x)
+    assert len(calls) == 2 and winograd._shared is None
+
+
+def test_module_falls_back_outside_fp32_and_fp64():
+    """bf16 and autocast run nn.Conv2d's own forward (exactly its result)."""
+    torch.manual_seed(0)
+    ours = WinogradConv2d(4, 4, 3, padding=1)
+    ref = nn.Conv2d(4, 4, 3, padding=1)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 4, 6, 6)
+    assert torch.equal(ours.bfloat16()(x.bfloat16()), ref.bfloat16()(x.bfloat16()))
+    ours.float(), ref.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(ours(x), ref(x))
+
+
+def test_eligibility_and_swap(monkeypatch):
+    wide = nn.Conv2d(256, 256, 3, padding=1, bias=False)
+    assert winograd_eligible(wide)
+    for other in (nn.Conv2d(128, 256, 3, padding=1), nn.Conv2d(256, 128, 3, padding=1),
+                  nn.Conv2d(256, 256, 3, stride=2, padding=1), nn.Conv2d(256, 256, 1),
+                  nn.Conv2d(256, 256, 3, padding=2, dilation=2),
+                  nn.Conv2d(256, 256, 3, padding=1, groups=2),
+                  nn.Conv2d(256, 256, 3, padding="same"),
+                  nn.Conv2d(256, 256, 3, padding=1, padding_mode="reflect"),
+                  nn.Conv2d(256, 256, 3, padding=0)):
+        assert not winograd_eligible(other)
+    net = nn.Sequential(wide, nn.Conv2d(256, 256, 1))
+    before = net.state_dict()
+    assert use_winograd_(net) == 1 and type(net[0]) is WinogradConv2d
+    assert use_winograd_(net) == 0  # already swapped
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    conv.use_native_convolutions_(net)
+    assert type(net[0]) is nn.Conv2d
+
+
+def test_auto_rule_and_setting(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert conv.resolve_conv_winograd("on", cuda, torch.bfloat16)
+    assert not conv.resolve_conv_winograd("off", cpu, torch.float32)
+    monkeypatch.setattr(conv, "cpu_kind", lambda: "AVX2")
+    assert conv.resolve_conv_winograd("auto", cpu, torch.float32)
+    assert not conv.resolve_conv_winograd("auto", cpu, torch.bfloat16)
+    assert not conv.resolve_conv_winograd("auto", cuda, torch.float32)
+    assert conv.describe_convolutions("native", "auto", cpu, torch.float32) == (
+        "weight grads native, Winograd F(2x2,3x3) for 3x3 stride-1 layers of 256+ channels")
+    for kind in ("AVX512", "AVX512-BF16", "AMX", "DEFAULT"):
+        monkeypatch.setattr(conv, "cpu_kind", lambda: kind)
+        assert not conv.resolve_conv_winograd("auto", cpu, torch.float32)
+    assert apply_overrides(TrainConfig(), ["run.conv_winograd=true"]).run.conv_winograd == "on"
+    with pytest.raises(ValueError, match="run.conv_winograd='fast': choose one of auto, on, off"):
+        apply_overrides(TrainConfig(), ["run.conv_winograd=fast"])
+
+
+def test_build_model_matches_direct_convolutions(monkeypatch):
+    """Through the one build path (both encoders swapped, the query's split-BN sub-batches
+    sharing filters): the MoCo loss and every query gradient equal the direct convolutions'
+    in float64."""
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+
+    def model(mode: str):
+        cfg = apply_overrides(TrainConfig(), [
+            "backbone.name=resnet18", "backbone.cifar_stem=true", "method.queue_size=64",
+            "schedule.batch_size=8", "method.dim=16", "method.mlp_hidden=32",
+            "method.bn_splits=2", "run.device=cpu", "run.precision=fp32",
+            "run.conv_weight_grad=native", f"run.conv_winograd={mode}",
+            "+backbone.kwargs.channels=[8,16,32,64]"])
+        torch.manual_seed(0)
+        return build_model(cfg, local_runtime(cfg)).double()
+
+    ours, direct = model("on"), model("off")
+    with torch.no_grad():  # timm zero-initialises each block's last BN: no gradient would reach
+        for name, p in direct.named_parameters():  # the convolutions inside the block
+            if "bn" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+    ours.load_state_dict(direct.state_dict())
+    # the 3×3 stride-1 convolutions: stem + 4 blocks × 2 − 3 strided
+    assert sum(type(m) is WinogradConv2d for m in ours.query_encoder.modules()) == 14
+    assert sum(type(m) is WinogradConv2d for m in ours.key_encoder.modules()) == 14
+    g = torch.Generator().manual_seed(1)
+    x_q, x_k = (torch.randn(8, 3, 16, 16, generator=g, dtype=torch.float64)
+                .contiguous(memory_format=torch.channels_last) for _ in range(2))
+    losses = []
+    for m in (ours, direct):
+        torch.manual_seed(2)  # the same shuffle of the keys' split BN
+        out = m(x_q, x_k, momentum=0.99)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+    assert rel_err(losses[0], losses[1]) < 1e-12
+    mine = dict(ours.query_encoder.named_parameters())
+    for name, p in direct.query_encoder.named_parameters():
+        assert p.grad.abs().max() > 0, name
+        assert rel_err(mine[name].grad, p.grad) < 1e-10, name
