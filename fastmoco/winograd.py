@@ -22,6 +22,8 @@ from torch.autograd.function import once_differentiable
 
 # G (4×3): the filter transform; the 16×9 matrix G⊗G maps a 3×3 filter to its 4×4 transform.
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+# Aᵀ (2×4): the output transform; each tile's 4×4 products give its 2×2 outputs.
+_A_T = ((1.0, 1.0, 1.0, 0.0), (0.0, 1.0, -1.0, -1.0))
 
 
 def _filter_matrix(like: torch.Tensor) -> torch.Tensor:
@@ -76,31 +78,15 @@ def _input_adjoint_1d(d: torch.Tensor, dim: int, out: torch.Tensor) -> None:
     odd[last].sub_(d[3])
 
 
-def _output_transform_1d(m: torch.Tensor, dim: int, out: torch.Tensor) -> None:
-    """Aᵀm over the leading axis of 4 coefficients (tiles along `dim`): the two outputs of each
-    tile, written at even and odd positions of `out` along `dim`."""
-    tiles = m.shape[dim + 1]
-    torch.add(m[0] + m[1], m[2], out=_every_other(out, dim, 0, tiles))
-    torch.sub(m[1] - m[2], m[3], out=_every_other(out, dim, 1, tiles))
-
-
-def _output_adjoint_1d(g: torch.Tensor, dim: int, out: torch.Tensor) -> None:
-    """The adjoint of `_output_transform_1d`: from the outputs along `dim` to 4 coefficients."""
-    tiles = g.shape[dim] // 2
-    g0, g1 = _every_other(g, dim, 0, tiles), _every_other(g, dim, 1, tiles)
-    out[0].copy_(g0)
-    torch.add(g0, g1, out=out[1])
-    torch.sub(g0, g1, out=out[2])
-    torch.neg(g1, out=out[3])
-
-
 def input_transform(x: torch.Tensor) -> torch.Tensor:
     """V = Bᵀ d B for every 4×4 tile (stride 2) of x zero-padded by 1 (and to even sizes):
     (16, N·tiles, C_in) from an (N, C_in, H, W) input."""
     n, c, h, w = x.shape
     th, tw = (h + 1) // 2, (w + 1) // 2
-    xp = x.new_zeros(n, 2 * th + 2, 2 * tw + 2, c)
+    xp = x.new_empty(n, 2 * th + 2, 2 * tw + 2, c)
     xp[:, 1:h + 1, 1:w + 1] = x.permute(0, 2, 3, 1)
+    for border in (xp[:, 0], xp[:, h + 1:], xp[:, 1:h + 1, 0], xp[:, 1:h + 1, w + 1:]):
+        border.zero_()  # the padding, and the rows/columns that complete an odd size's tiles
     rows = x.new_empty(4, n, th, 2 * tw + 2, c)
     _input_transform_1d(xp, 1, th, rows)
     v = x.new_empty(4, 4, n, th, tw, c)
@@ -123,16 +109,21 @@ def input_adjoint(grad_v: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return dx.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
 
+def _output_matrix(like: torch.Tensor) -> torch.Tensor:
+    a_t = torch.tensor(_A_T, dtype=like.dtype, device=like.device)
+    return torch.kron(a_t, a_t)  # (4, 16): row a*2+b, column i*4+j
+
+
 def output_transform(m: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
-    """Y = Aᵀ M A for every tile: (N, C_out, H, W), channels-last, from M (16, N·tiles, C_out)."""
+    """Y = Aᵀ M A for every tile: (N, C_out, H, W), channels-last, from M (16, N·tiles, C_out).
+    One GEMM with the 4×16 matrix Aᵀ⊗Aᵀ (a single pass over M), then the 2×2 outputs of each
+    tile interleaved into the map."""
     th, tw = (h + 1) // 2, (w + 1) // 2
     c = m.shape[-1]
-    mm = m.view(4, 4, n, th, tw, c)
-    y = m.new_empty(n, 2 * th, 2 * tw, c)
-    yr = y.view(n, th, 2, 2 * tw, c)
-    rows = (mm[0] + mm[1] + mm[2], mm[1] - mm[2] - mm[3])  # Aᵀ over the tile's rows
-    for a in range(2):
-        _output_transform_1d(rows[a], 2, yr[:, :, a])
+    tiles = (_output_matrix(m) @ m.view(16, -1)).view(2, 2, n, th, tw, c)
+    y = m.new_empty(n, th, 2, tw, 2, c)
+    y.copy_(tiles.permute(2, 3, 0, 4, 1, 5))
+    y = y.view(n, 2 * th, 2 * tw, c)
     if (h, w) != (2 * th, 2 * tw):
         y = y[:, :h, :w]
     return y.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
@@ -145,16 +136,8 @@ def output_adjoint(grad_y: torch.Tensor) -> torch.Tensor:
     g = grad_y.permute(0, 2, 3, 1)
     if (h, w) != (2 * th, 2 * tw):
         g = F.pad(g, (0, 0, 0, 2 * tw - w, 0, 2 * th - h))
-    gr = g.unflatten(1, (th, 2))
-    cols = grad_y.new_empty(2, 4, n, th, tw, c)
-    for a in range(2):
-        _output_adjoint_1d(gr[:, :, a], 2, cols[a])
-    dm = grad_y.new_empty(4, 4, n, th, tw, c)  # A over the tile's rows
-    dm[0].copy_(cols[0])
-    torch.add(cols[0], cols[1], out=dm[1])
-    torch.sub(cols[0], cols[1], out=dm[2])
-    torch.neg(cols[1], out=dm[3])
-    return dm.view(16, n * th * tw, c)
+    tiles = g.reshape(n, th, 2, tw, 2, c).permute(2, 4, 0, 1, 3, 5).reshape(4, -1)
+    return (_output_matrix(grad_y).t() @ tiles).view(16, n * th * tw, c)
 
 
 class _FilterTransform(torch.autograd.Function):
