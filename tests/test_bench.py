@@ -89,6 +89,7 @@ def test_cli_smoke_every_arm_and_mode_with_sane_numbers(tiny_cifar, tmp_path):
     timed = [r for r in rows if "img_s" in r and r["mode"] != "data"]
     assert timed and all(r["arm_ceilings"]["mm_fp32_flops"] > 0 for r in timed)
     assert all(len(r["arm_ceilings"]["samples"]["mm_fp32_flops"]) >= 2 for r in timed)
+    assert all(len(r["window_ceilings"]) == len(r["windows"]) + 1 for r in timed)
     assert result["ceilings"]["mm_fp32_flops"] > 0 and result["ceilings"]["copy_bytes_s"] > 0
     assert result["cases"]["current"]["flops_per_step"] > 0
     assert result["setting"]["commit"] and "cpu" in result["setting"]["device"]
@@ -286,6 +287,24 @@ def test_bench_config_names_unknown_arms_cases_and_modes():
     with pytest.raises(ValueError, match="bench.modes"):
         BenchConfig(modes=["fast"])
     BenchConfig(arms=["x"], arm_defs={"x": ArmDef()}, cases=["c"], case_defs={"c": CaseDef()})
+
+
+def test_fraction_of_ceiling_pairs_each_window_with_the_pace_around_it():
+    """A machine that halves its pace between two windows: each window against the ceilings
+    sampled beside it gives the same fraction; one ceiling for the arm (its best) would not."""
+    from fastmoco.bench.report import add_ratios
+    row = {"arm": "fastmoco", "mode": "model", "dtype": "float32", "img_s": 15.0,
+           "windows": [20.0, 10.0],
+           "window_ceilings": [{"mm_fp32_flops": 200.0}, {"mm_fp32_flops": 100.0},
+                               {"mm_fp32_flops": 100.0}],
+           "arm_ceilings": {"mm_fp32_flops": 200.0}}
+    case = {"rows": [row], "flops_per_step": 4.0, "batch": 4}  # 1 FLOP an image
+    add_ratios(case, {})
+    assert row["frac_ceiling"] == pytest.approx(0.1)  # 20 / max(200, 100) and 10 / 100
+    assert row["window_ceiling"] == pytest.approx(150.0)
+    del row["window_ceilings"], row["window_ceiling"]
+    add_ratios(case, {})
+    assert row["frac_ceiling"] == pytest.approx(15.0 / 200.0)  # the median rate, best ceiling
 
 
 def test_targets_met_and_missed():

@@ -57,10 +57,13 @@ def run_arm(name: str, adef: ArmDef, base: TrainConfig, modes: list[str], device
             continue
         batches = synthetic_batches(arm, cfg, device) if mode == "model" else arm.batches()
         log.info("bench %s / %s ...", name, mode)
-        row.update(measure(no_step if mode == "data" else arm.step, batches, device,
-                           cfg.schedule.batch_size, bench, mode != "model"))
+        timed = mode != "data"  # a step with FLOPs: its ceiling sampled around every window
+        row.update(measure(arm.step if timed else no_step, batches, device,
+                           cfg.schedule.batch_size, bench, mode != "model",
+                           ceiling=arm_ceilings.sample if timed else None))
         batches.close()
-        arm_ceilings.sample()  # after each mode's windows
+        if not timed:
+            arm_ceilings.sample()  # after the mode's windows
         row["peak_mem_mb"] = memory.peak_mb()
         if mode == "data":
             data_cache[key] = {k: row[k] for k in DATA_KEYS} | {"arm": name}

@@ -7,7 +7,7 @@ import math
 import resource
 import statistics
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -71,17 +71,26 @@ def profile_pass(step: Callable, batches: Iterator, device: torch.device,
 
 
 def measure(step: Callable, batches: Iterator, device: torch.device, batch_size: int,
-            bench: BenchConfig, from_loader: bool) -> dict[str, Any]:
-    """Warm-up, timed windows (images/s: median, min, max over windows), then the profile pass."""
+            bench: BenchConfig, from_loader: bool,
+            ceiling: Optional[Callable[[], dict[str, float]]] = None) -> dict[str, Any]:
+    """Warm-up, timed windows (images/s: median, min, max over windows), then the profile pass.
+    `ceiling`: sampled before the first window and after each one (`window_ceilings`), so that
+    each window's fraction of the ceiling uses the machine's pace around that window."""
     warmup_s = _window(step, batches, device, bench.warmup)
     drained = drain(batches) if from_loader else 0
     steps = bench.steps_per_window if step is not no_step else bench.data_steps_per_window
-    rates = [steps * batch_size / _window(step, batches, device, steps) for _ in range(bench.windows)]
+    samples = [ceiling()] if ceiling else []
+    rates = []
+    for _ in range(bench.windows):
+        rates.append(steps * batch_size / _window(step, batches, device, steps))
+        if ceiling:
+            samples.append(ceiling())
     phases = profile_pass(step, batches, device, bench.profile_steps) if bench.profile_steps else {}
     profiled = {"profiled_step_ms": phases.pop("step")} if phases else {}
+    around = {"window_ceilings": samples} if samples and samples[0] else {}
     return {"img_s": statistics.median(rates), "img_s_min": min(rates), "img_s_max": max(rates),
             "windows": rates, "warmup_s": warmup_s, "phases_ms": phases, "drained": drained,
-            **profiled}
+            **around, **profiled}
 
 
 class PeakMemory:
@@ -197,12 +206,15 @@ class ArmCeilings:
         self.device, self.cc = device, cc
         self.samples: dict[str, list[float]] = {}
 
-    def sample(self) -> None:
+    def sample(self) -> dict[str, float]:
+        """One measurement of each mm ceiling, kept and returned ({} when disabled)."""
         if not self.cc.enabled:
-            return
+            return {}
+        out = {}
         for key, dtype in mm_dtypes(self.device):
-            rate = matmul_rate(self.device, dtype, self.cc.mm_size, self.cc.mm_reps)
-            self.samples.setdefault(key, []).append(rate)
+            out[key] = matmul_rate(self.device, dtype, self.cc.mm_size, self.cc.mm_reps)
+            self.samples.setdefault(key, []).append(out[key])
+        return out
 
     @property
     def best(self) -> dict[str, float]:

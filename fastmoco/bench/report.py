@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -49,14 +50,9 @@ def add_ratios(case: dict[str, Any], ceil: dict[str, float]) -> None:
         ref = by.get(("reference", r["mode"]))
         if ref and r["mode"] != "data":
             r["x_reference"] = r["img_s"] / ref["img_s"]
-        here = r.get("arm_ceilings") or ceil  # measured beside the arm, else at the bench's start
-        if flops and r["mode"] != "data" and here:
-            achieved = flops * r["img_s"] / case["batch"]
-            r["flops_s"] = achieved
-            own = here.get("mm_bf16_flops") if r["dtype"] in ("bfloat16", "float16") else None
-            r["frac_ceiling"] = achieved / (own or here["mm_fp32_flops"])
-            if "mm_bf16_flops" in here:
-                r["frac_bf16_ceiling"] = achieved / here["mm_bf16_flops"]
+        if flops and r["mode"] != "data":
+            r["flops_s"] = flops * r["img_s"] / case["batch"]
+            r.update(_fractions(r, flops / case["batch"], r.get("arm_ceilings") or ceil))
         model = by.get((r["arm"], "model"))
         if model and r["mode"] in ("full", "data"):
             r["frac_model"] = r["img_s"] / model["img_s"]
@@ -64,6 +60,30 @@ def add_ratios(case: dict[str, Any], ceil: dict[str, float]) -> None:
         if ema and ceil.get("copy_bytes_s") and case.get("param_bytes"):
             # an EMA reads both encoders and writes one: 3× the parameter bytes
             r["ema_frac_copy_bw"] = 3 * case["param_bytes"] / (ema / 1000) / ceil["copy_bytes_s"]
+
+
+def _fractions(row: dict[str, Any], flop_per_image: float, here: dict[str, float]
+               ) -> dict[str, float]:
+    """Fraction of the mm ceiling of the row's dtype (and of the bf16 one where measured): the
+    median over the windows of each window's rate against the better of the two ceilings sampled
+    just before and just after it (a shared machine's pace moves within a minute); without
+    those samples, the median rate against the arm's best (or the bench's start) ceiling."""
+    low = row.get("dtype") in ("bfloat16", "float16")
+    around = row.get("window_ceilings") or []
+    out = {}
+    for name, key in (("frac_ceiling", None), ("frac_bf16_ceiling", "mm_bf16_flops")):
+        key = key or ("mm_bf16_flops" if low and "mm_bf16_flops" in here else "mm_fp32_flops")
+        if key not in here:
+            continue
+        if len(around) == len(row["windows"]) + 1 and all(key in c for c in around):
+            ceilings = [max(a[key], b[key]) for a, b in zip(around, around[1:])]
+            out[name] = statistics.median(flop_per_image * rate / c
+                                          for rate, c in zip(row["windows"], ceilings))
+            if name == "frac_ceiling":
+                out["window_ceiling"] = statistics.median(ceilings)
+        else:
+            out[name] = flop_per_image * row["img_s"] / here[key]
+    return out
 
 
 def check_targets(cases: dict[str, dict], targets: list[Target],
@@ -118,8 +138,8 @@ def format_table(result: dict[str, Any]) -> str:
         bf = ceil.get("mm_bf16_flops")
         lines.append(f"ceilings at start: mm {ceil['mm_n']}³ fp32 {ceil['mm_fp32_flops'] / 1e9:.1f} GFLOP/s"
                      + (f", bf16 {bf / 1e9:.1f} GFLOP/s" if bf else "")
-                     + f"; copy {ceil['copy_bytes_s'] / 1e9:.1f} GB/s  (%ceil: the best mm rate "
-                     f"measured beside each arm, column ceilGF)")
+                     + f"; copy {ceil['copy_bytes_s'] / 1e9:.1f} GB/s  (%ceil: each window against "
+                     f"the mm rate measured just before and after it, median; column ceilGF)")
     head = (f"{'mode':5} {'arm':16} {'img/s':>8} {'min-max':>13} {'×ref':>5} {'%ceil':>6} "
             f"{'%bf16':>6} {'÷model':>6} " + " ".join(f"{p[:5]:>6}" for p in PHASES)
             + f" {'ceilGF':>6} {'memMB':>7} {'dtype':8} {'CL':2} {'cmp':3} {'warm s':>6}  pipeline")
@@ -160,7 +180,10 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def _own_ceiling(row: dict[str, Any]) -> float:
-    """The mm ceiling of the row's dtype measured beside its arm (0: none)."""
+    """The mm ceiling of the row's dtype measured beside its arm (0: none): the median of the
+    per-window ceilings where the windows had their own."""
+    if "window_ceiling" in row:
+        return row["window_ceiling"]
     here = row.get("arm_ceilings") or {}
     if row.get("dtype") in ("bfloat16", "float16") and "mm_bf16_flops" in here:
         return here["mm_bf16_flops"]
