@@ -232,15 +232,22 @@ def filters_reused() -> Iterator[None]:
 # them. Measured on the AVX2 EPYC (fp32, 2 threads), ResNet-18 at 32 px in sub-batches of 32:
 # forward + backward 1.2-1.5× oneDNN from 256 channels, about even at 128 and 0.5× at 64.
 MIN_CHANNELS = 256
+# ... and calls with at least this many tiles (images × ⌈H/2⌉ × ⌈W/2⌉): each of the 16 GEMMs has
+# that many rows. ResNet-50's layer4 in sub-batches of 4 (7×7 maps: 64 tiles) ran 0.74× oneDNN,
+# ResNet-18's layer4 in sub-batches of 32 (4×4 maps: 128 tiles) 1.19×.
+MIN_TILES = 128
 
 
 class WinogradConv2d(nn.Conv2d):
     """nn.Conv2d (3×3, stride 1, padding 1) computed by F(2×2, 3×3) in fp32/fp64 outside
-    autocast; otherwise exactly nn.Conv2d. Same parameters, same state dict."""
+    autocast and torch.compile, for inputs of at least MIN_TILES tiles; otherwise exactly
+    nn.Conv2d. Same parameters, same state dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64)
-                and x.dim() == 4 and not torch.is_autocast_enabled(x.device.type)):
+                and x.dim() == 4 and not torch.is_autocast_enabled(x.device.type)
+                and not torch.compiler.is_compiling()  # compiled: the compiler's own choice
+                and x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2) >= MIN_TILES):
             if _shared is None:
                 return conv3x3(x, self.weight, self.bias)
             key = (id(self), torch.is_grad_enabled())

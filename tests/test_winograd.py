@@ -20,6 +20,12 @@ from fastmoco.winograd import (
 SHAPES = [(4, 8, 16, 8, 8), (3, 5, 7, 7, 5), (2, 6, 4, 1, 1), (2, 3, 9, 1, 2), (1, 16, 8, 12, 10)]
 
 
+@pytest.fixture
+def every_call(monkeypatch):
+    """The module's Winograd path for calls of any size (by default 128 tiles and up)."""
+    monkeypatch.setattr(winograd, "MIN_TILES", 1)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
@@ -80,7 +86,7 @@ def test_no_grad_forward_equals_conv2d():
         assert rel_err(conv3x3(x, weight, b), F.conv2d(x, weight, b, padding=1)) < 1e-12
 
 
-def test_filters_shared_over_sub_batches(monkeypatch):
+def test_filters_shared_over_sub_batches(monkeypatch, every_call):
     """Inside `filters_reused` each module transforms its filter once per grad mode; the summed
     dU of the sub-batches flows back once and equals the direct convolution's weight gradient."""
     calls = []
@@ -108,7 +114,7 @@ def test_filters_shared_over_sub_batches(monkeypatch):
     assert len(calls) == 2 and winograd._shared is None
 
 
-def test_module_falls_back_outside_fp32_and_fp64():
+def test_module_falls_back_outside_fp32_and_fp64(every_call):
     """bf16 and autocast run nn.Conv2d's own forward (exactly its result)."""
     torch.manual_seed(0)
     ours = WinogradConv2d(4, 4, 3, padding=1)
@@ -159,7 +165,7 @@ def test_auto_rule_and_setting(monkeypatch):
         apply_overrides(TrainConfig(), ["run.conv_winograd=fast"])
 
 
-def test_build_model_matches_direct_convolutions(monkeypatch):
+def test_build_model_matches_direct_convolutions(monkeypatch, every_call):
     """Through the one build path (both encoders swapped, the query's split-BN sub-batches
     sharing filters): the MoCo loss and every query gradient equal the direct convolutions'
     in float64."""
@@ -198,3 +204,33 @@ def test_build_model_matches_direct_convolutions(monkeypatch):
     for name, p in direct.query_encoder.named_parameters():
         assert p.grad.abs().max() > 0, name
         assert rel_err(mine[name].grad, p.grad) < 1e-10, name
+
+
+def test_compiled_module_keeps_the_compilers_convolution(monkeypatch, every_call):
+    """Under torch.compile the module traces as nn.Conv2d (the compiler picks its algorithm)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("Winograd path traced under torch.compile")
+
+    torch.manual_seed(0)
+    ours = WinogradConv2d(4, 4, 3, padding=1)
+    x = torch.randn(2, 4, 6, 6)
+    eager = ours(x)
+    monkeypatch.setattr(winograd, "conv3x3", refuse)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend="eager")
+    assert rel_err(compiled(x), eager) < 1e-5
+    torch._dynamo.reset()
+
+
+def test_calls_with_few_tiles_run_the_framework_convolution(monkeypatch):
+    """Below MIN_TILES (e.g. ResNet-50's 7×7 layer4 in sub-batches of 4) the GEMMs are too short
+    to pay for the transforms: the module runs nn.Conv2d's forward."""
+    used = []
+    real = winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a, **k: used.append(1) or real(*a, **k))
+    ours = WinogradConv2d(4, 4, 3, padding=1)
+    assert winograd.MIN_TILES == 128
+    ours(torch.randn(4, 4, 7, 7))  # 4 × 4 × 4 = 64 tiles
+    assert not used
+    ours(torch.randn(8, 4, 7, 7))  # 128 tiles
+    assert used
