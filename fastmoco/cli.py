@@ -96,6 +96,22 @@ def print_summary(summary: dict) -> None:
         print(f"skipped {summary['skipped_files']} unreadable files (see the log)")
 
 
+def method_linear_preset(overrides: list[str]) -> list[str]:
+    """`linear=<preset>` of the checkpoint's pretraining method (BYOL's, SimSiam's, MoCo v3's
+    protocol) when the command line chooses no linear preset; [] otherwise."""
+    from fastmoco.weights import linear_preset_for
+
+    if any(o.lstrip("+~").split("=")[0].split("@")[0] == "linear" for o in overrides):
+        return []
+    source = next((o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint=")), None)
+    preset = linear_preset_for(source) if source else None
+    if preset is None:
+        return []
+    print(f"linear={preset}: the linear protocol of the method that pretrained {source} "
+          f"(choose another with linear=...)")
+    return [f"linear={preset}"]
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -115,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
 
         bench_main()
     elif command == "eval linear":
+        sys.argv += method_linear_preset(rest)
         eval_linear_main()
     elif command == "eval knn":
         eval_knn_main()

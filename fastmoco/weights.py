@@ -132,6 +132,23 @@ def _export_format(path: Path) -> str:
         return "unknown"
 
 
+def linear_preset_for(source: str | Path) -> Optional[str]:
+    """The conf/linear preset of the method that pretrained `source` (a fastmoco run directory or
+    checkpoint): moco_v3, byol or simsiam; None for MoCo v1/v2 (whose main_lincls is the default)
+    and for anything that is not a readable fastmoco checkpoint (a timm name, an export)."""
+    from fastmoco.checkpoint import load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(resolve_checkpoint(source), map_location="cpu")
+    except Exception:  # noqa: BLE001 - not a checkpoint: the default preset, and the load
+        return None  # itself reports what is wrong with it
+    config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    method = (config or {}).get("method") or {}
+    if method.get("name") in ("byol", "simsiam"):
+        return method["name"]
+    return "moco_v3" if method.get("name") == "moco" and method.get("version") == "v3" else None
+
+
 def read_checkpoint(source: str | Path, encoder: str = "query", name: Optional[str] = None,
                     map_location: str | torch.device = "cpu"
                     ) -> tuple[dict[str, torch.Tensor], BackboneInfo]:

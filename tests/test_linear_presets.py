@@ -111,3 +111,28 @@ def test_presets_compose_as_the_cli_does(preset, expected, lr):
 def test_bad_optimizer_settings_stop_at_start(overrides, match):
     with pytest.raises(ValueError, match=match):
         eval_config(overrides)
+
+
+@pytest.mark.parametrize("method, preset", [
+    ({"name": "byol", "version": "v2"}, "byol"), ({"name": "simsiam", "version": "v2"}, "simsiam"),
+    ({"name": "moco", "version": "v3"}, "moco_v3"), ({"name": "moco", "version": "v2"}, None),
+    ({"name": "moco", "version": "v1"}, None)])
+def test_eval_linear_takes_the_preset_of_the_checkpoints_method(tmp_path, capsys, method, preset):
+    """`fastmoco eval linear checkpoint=RUN` without a linear= choice adds the pretraining
+    method's preset (MoCo v1/v2 keep the default, main_lincls); a choice on the command line,
+    or a source that is not a fastmoco run, adds nothing."""
+    from fastmoco.cli import method_linear_preset
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"model": {}, "config": {"method": method, "backbone": {"name": "resnet18"}}},
+               run / "checkpoints" / "checkpoint_000000010.pt")
+    added = method_linear_preset([f"checkpoint={run}", "linear.mode=cached"])
+    assert added == ([f"linear={preset}"] if preset else [])
+    if preset:
+        assert f"linear={preset}: the linear protocol" in capsys.readouterr().out
+        assert eval_config(added).linear == eval_config([f"linear={preset}"]).linear
+    for chosen in ("linear=cifar", "+linear=cifar", "~linear"):
+        assert method_linear_preset([f"checkpoint={run}", chosen]) == []
+    assert method_linear_preset(["checkpoint=resnet18"]) == []  # a timm name: random init
+    assert method_linear_preset([f"checkpoint={tmp_path / 'missing'}"]) == []
