@@ -10,7 +10,8 @@ The per-shape table: `step` is the self time per training step of aten::mkldnn_c
 forward) and aten::convolution_backward (the input gradient, and the weight gradient unless it
 runs as GEMMs: `run.conv_weight_grad`), with its FLOP rate; `alone` times the same shape in a
 loop of its own: forward, input gradient, weight gradient by the framework and by
-fastmoco.conv.weight_grad.
+fastmoco.conv.weight_grad. Layers that run by Winograd (`run.conv_winograd`) are not in that
+table: their GEMMs count in the GEMM group, their tile transforms in "other".
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from fastmoco.bench.measure import matmul_rate, step_flops
 from fastmoco.build import build_trainer, local_runtime
 from fastmoco.config import TrainConfig, apply_overrides
-from fastmoco.conv import resolve_conv_weight_grad, weight_grad
+from fastmoco.conv import resolve_conv_weight_grad, resolve_conv_winograd, weight_grad
 from fastmoco.data import SyntheticTwoViewLoader
 from fastmoco.device import describe_cpu
 from step_ab import CASE  # the bench's r18_cifar case (run as python benchmarks/...)
@@ -146,6 +147,8 @@ def main() -> None:
     report = {"cpu": describe_cpu(), "dtype": str(dtype), "batch": a.batch, "splits": a.splits,
               "width": w, "conv_weight_grad": resolve_conv_weight_grad(
                   cfg.run.conv_weight_grad, device, dtype),
+              # Winograd layers' GEMMs count as GEMMs, their tile transforms as "other"
+              "conv_winograd": resolve_conv_winograd(cfg.run.conv_winograd, device, dtype),
               "step_ms": round(wall * 1e3, 1), "img_s": round(a.batch / wall, 1),
               "mm_fp32_gflops": round(max(ceil_before, ceil_after) / 1e9, 1),
               "self_ms_by_group": {k: round(v, 1) for k, v in

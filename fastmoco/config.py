@@ -256,6 +256,12 @@ class KnnConfig:
                              f"at least 1 (or knn.enabled=false)")
 
 
+def _on_off(value: object) -> str:
+    """yaml reads a bare on/off as a boolean: back to the word."""
+    word = str(value).lower()
+    return {"true": "on", "false": "off"}.get(word, word)
+
+
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
@@ -286,14 +292,11 @@ class RunConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        # yaml reads a bare on/off as a boolean
-        self.compile = {"true": "on", "false": "off"}.get(str(self.compile).lower(),
-                                                           str(self.compile).lower())
+        self.compile = _on_off(self.compile)
         choose("run.compile", self.compile, COMPILE)
         choose("run.precision", self.precision, PRECISIONS)
         choose("run.conv_weight_grad", self.conv_weight_grad, CONV_WEIGHT_GRADS)
-        self.conv_winograd = {"true": "on", "false": "off"}.get(
-            str(self.conv_winograd).lower(), str(self.conv_winograd).lower())
+        self.conv_winograd = _on_off(self.conv_winograd)
         choose("run.conv_winograd", self.conv_winograd, CONV_WINOGRAD)
         if self.log_every < 1 or self.checkpoint_every_epochs < 1:
             raise ValueError(f"run.log_every={self.log_every}, run.checkpoint_every_epochs="

@@ -12,6 +12,8 @@ weight gradient is the same sum in another order. `use_fast_convolutions_` appli
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,7 +22,7 @@ from torch.autograd.function import once_differentiable
 from fastmoco.config import CONV_WEIGHT_GRADS, CONV_WINOGRAD, choose
 from fastmoco.device import cpu_kind
 from fastmoco.winograd import MIN_CHANNELS as WINOGRAD_MIN_CHANNELS
-from fastmoco.winograd import WinogradConv2d, use_winograd_
+from fastmoco.winograd import WinogradConv2d, winograd_eligible
 
 # The GEMM path only for output maps of at most 8×8 from at least 256 input channels: there it
 # ran 1.2-1.9× oneDNN's weight gradient alone (ResNet-18 at 32 px, AVX2 EPYC); from 16×16 up,
@@ -123,21 +125,39 @@ def gemm_eligible(conv: nn.Module) -> bool:
             and conv.kernel_size != (1, 1))
 
 
-def use_gemm_weight_grad_(module: nn.Module) -> int:
-    """Turn every eligible nn.Conv2d under `module` into a GemmGradConv2d in place (the same
-    parameters); returns how many."""
+def _swap_(module: nn.Module, eligible: Callable[[nn.Module], bool], cls: type) -> int:
+    """Give every eligible convolution under `module` the class `cls` in place (the same
+    parameters and state dict); returns how many."""
     count = 0
     for conv in module.modules():
-        if gemm_eligible(conv):
-            conv.__class__ = GemmGradConv2d
+        if eligible(conv):
+            conv.__class__ = cls
             count += 1
     return count
+
+
+def use_gemm_weight_grad_(module: nn.Module) -> int:
+    """Turn every eligible nn.Conv2d under `module` into a GemmGradConv2d in place."""
+    return _swap_(module, gemm_eligible, GemmGradConv2d)
+
+
+class WinogradGemmConv2d(WinogradConv2d, GemmGradConv2d):
+    """Winograd where it applies; where a call falls back (few tiles, autocast, compile), the
+    GEMM weight gradient where that applies (the method order puts GemmGradConv2d's forward
+    behind WinogradConv2d's)."""
+
+
+def use_winograd_(module: nn.Module, gemm_fallback: bool = False) -> int:
+    """Turn every Winograd-eligible nn.Conv2d under `module` into a WinogradConv2d (with
+    `gemm_fallback`, a WinogradGemmConv2d) in place."""
+    return _swap_(module, winograd_eligible,
+                  WinogradGemmConv2d if gemm_fallback else WinogradConv2d)
 
 
 def use_native_convolutions_(module: nn.Module) -> nn.Module:
     """Undo `use_fast_convolutions_` (e.g. before handing the backbone to other code)."""
     for conv in module.modules():
-        if type(conv) in (GemmGradConv2d, WinogradConv2d):
+        if isinstance(conv, (GemmGradConv2d, WinogradConv2d)):
             conv.__class__ = nn.Conv2d
     return module
 
@@ -158,7 +178,8 @@ def resolve_conv_weight_grad(mode: str, device: torch.device, dtype: torch.dtype
 
 def resolve_conv_winograd(mode: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether wide 3×3 stride-1 convolutions run by F(2×2, 3×3) (fastmoco/winograd.py). auto:
-    for fp32 on AVX2-only CPUs, where oneDNN has no Winograd kernel and it measured faster; not
+    for fp32 on AVX2-only CPUs, where torch's direct convolutions run at about the mm rate and it
+    measured faster; not
     on AVX-512 CPUs and GPUs (not measured there), nor in bf16/fp16 (fp32 and fp64 only)."""
     choose("run.conv_winograd", mode, CONV_WINOGRAD)
     return mode == "on" or (mode == "auto" and _fp32_on_avx2(device, dtype))
@@ -168,9 +189,10 @@ def use_fast_convolutions_(model: nn.Module, weight_grad: str, winograd: str,
                            device: torch.device, dtype: torch.dtype) -> None:
     """Swap the classes of `model`'s convolutions in place as the two settings resolve:
     Winograd first (it computes all three passes), the GEMM weight gradient for the rest."""
+    gemm = resolve_conv_weight_grad(weight_grad, device, dtype) == "gemm"
     if resolve_conv_winograd(winograd, device, dtype):
-        use_winograd_(model)
-    if resolve_conv_weight_grad(weight_grad, device, dtype) == "gemm":
+        use_winograd_(model, gemm_fallback=gemm)
+    if gemm:
         use_gemm_weight_grad_(model)
 
 

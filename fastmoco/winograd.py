@@ -3,7 +3,7 @@
 Each 2×2 block of outputs is computed from a 4×4 tile of input with 16 multiplies per input and
 output channel pair instead of 36 (Lavin & Gray, "Fast Algorithms for Convolutional Neural
 Networks", CVPR 2016): Y = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A, the ⊙ summed over input channels as 16 GEMMs.
-On CPUs without AVX-512 oneDNN has no Winograd kernel, and the direct convolutions of a wide
+torch asks oneDNN for direct convolutions on every CPU, and on an AVX2 CPU those of a wide
 layer run at about the mm rate, so 2.25× fewer multiplies pay for the tile transforms where the
 layer is wide (benchmarks/RESULTS.md, session of 2026-12-07 (2)). The backward pass stays in the
 transformed domain: dU = Vᵀ dM and dV = dM Uᵀ, the same GEMM shapes, then the adjoint transforms.
@@ -13,6 +13,8 @@ in fp32 the result differs from the direct sum by rounding only (tests/test_wino
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -26,9 +28,15 @@ _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 _A_T = ((1.0, 1.0, 1.0, 0.0), (0.0, 1.0, -1.0, -1.0))
 
 
+@functools.lru_cache(maxsize=None)
+def _kron_square(entries: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # once per dtype and device: on a GPU a new host tensor per call would sync the stream
+    m = torch.tensor(entries, dtype=dtype, device=device)
+    return torch.kron(m, m)
+
+
 def _filter_matrix(like: torch.Tensor) -> torch.Tensor:
-    g = torch.tensor(_G, dtype=like.dtype, device=like.device)
-    return torch.kron(g, g)  # (16, 9): row a*4+b, column i*3+j
+    return _kron_square(_G, like.dtype, like.device)  # (16, 9): row a*4+b, column i*3+j
 
 
 def _taps_last(weight: torch.Tensor) -> torch.Tensor:
@@ -58,10 +66,9 @@ def _every_other(t: torch.Tensor, dim: int, start: int, count: int) -> torch.Ten
 def _input_transform_1d(src: torch.Tensor, dim: int, tiles: int, out: torch.Tensor) -> None:
     """Bᵀd along `dim` for every tile (4 samples at stride 2): out[k] for k in 0..3."""
     s = [_every_other(src, dim, j, tiles) for j in range(4)]
-    s2 = _every_other(src, dim, 2, tiles)
-    torch.sub(s[0], s2, out=out[0])
-    torch.add(s[1], s2, out=out[1])
-    torch.sub(s2, s[1], out=out[2])
+    torch.sub(s[0], s[2], out=out[0])
+    torch.add(s[1], s[2], out=out[1])
+    torch.sub(s[2], s[1], out=out[2])
     torch.sub(s[1], s[3], out=out[3])
 
 
@@ -110,8 +117,7 @@ def input_adjoint(grad_v: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def _output_matrix(like: torch.Tensor) -> torch.Tensor:
-    a_t = torch.tensor(_A_T, dtype=like.dtype, device=like.device)
-    return torch.kron(a_t, a_t)  # (4, 16): row a*2+b, column i*4+j
+    return _kron_square(_A_T, like.dtype, like.device)  # (4, 16): row a*2+b, column i*4+j
 
 
 def output_transform(m: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
@@ -209,22 +215,23 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     return y if bias is None else y.add_(bias.view(1, -1, 1, 1))
 
 
-# Transformed filters shared inside `filters_reused` (key: the module and the grad mode).
-_shared: dict[tuple[int, bool], torch.Tensor] | None = None
+# Transformed filters shared inside `filters_reused` (key: the module and the grad mode); a
+# context variable, so that forwards in other threads never see this block's filters.
+_shared: contextvars.ContextVar[dict[tuple[int, bool], torch.Tensor] | None] = (
+    contextvars.ContextVar("fastmoco_winograd_shared", default=None))
 
 
 @contextlib.contextmanager
 def filters_reused() -> Iterator[None]:
-    """Within this block the weights do not change (one forward over several sub-batches): each
-    WinogradConv2d transforms its filter once, and its gradient flows back once."""
-    global _shared
-    outer = _shared
-    if outer is None:
-        _shared = {}
+    """Within this block (the outermost one, where blocks nest) the weights do not change (one
+    forward over several sub-batches): each WinogradConv2d transforms its filter once, and its
+    gradient flows back once."""
+    token = _shared.set({}) if _shared.get() is None else None
     try:
         yield
     finally:
-        _shared = outer
+        if token is not None:
+            _shared.reset(token)
 
 
 # Layers at least this wide: there the 16 GEMMs per tile position are large enough to run near
@@ -244,32 +251,30 @@ class WinogradConv2d(nn.Conv2d):
     nn.Conv2d. Same parameters, same state dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64)
-                and x.dim() == 4 and not torch.is_autocast_enabled(x.device.type)
+        if not (same_3x3(self) and x.dtype == self.weight.dtype
+                and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
+                and not torch.is_autocast_enabled(x.device.type)
                 and not torch.compiler.is_compiling()  # compiled: the compiler's own choice
                 and x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2) >= MIN_TILES):
-            if _shared is None:
-                return conv3x3(x, self.weight, self.bias)
+            return super().forward(x)
+        shared = _shared.get()
+        u = None
+        if shared is not None:
             key = (id(self), torch.is_grad_enabled())
-            if key not in _shared:
-                _shared[key] = transformed_filter(self.weight)
-            return conv3x3(x, self.weight, self.bias, u=_shared[key])
-        return super().forward(x)
+            if key not in shared:
+                shared[key] = transformed_filter(self.weight)
+            u = shared[key]
+        y = conv3x3(x, self.weight, self.bias, u=u)
+        return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
+
+
+def same_3x3(conv: nn.Conv2d) -> bool:
+    """A 3×3 stride-1 'same' convolution, one group, zero padding: what F(2×2, 3×3) computes."""
+    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
 def winograd_eligible(conv: nn.Module) -> bool:
-    """A plain 3×3 stride-1 'same' convolution of at least MIN_CHANNELS in and out."""
-    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
-            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+    """A plain nn.Conv2d that `same_3x3` accepts, at least MIN_CHANNELS wide in and out."""
+    return (type(conv) is nn.Conv2d and same_3x3(conv)
             and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS)
-
-
-def use_winograd_(module: nn.Module) -> int:
-    """Turn every eligible convolution under `module` into a WinogradConv2d in place (the same
-    parameters); returns how many."""
-    count = 0
-    for conv in module.modules():
-        if winograd_eligible(conv):
-            conv.__class__ = WinogradConv2d
-            count += 1
-    return count

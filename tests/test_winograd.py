@@ -12,9 +12,8 @@ from torch import nn
 from fastmoco import conv, winograd
 from fastmoco.build import build_model, local_runtime
 from fastmoco.config import TrainConfig, apply_overrides
-from fastmoco.winograd import (
-    WinogradConv2d, conv3x3, filters_reused, use_winograd_, winograd_eligible,
-)
+from fastmoco.conv import GemmGradConv2d, WinogradGemmConv2d, use_winograd_
+from fastmoco.winograd import WinogradConv2d, conv3x3, filters_reused, winograd_eligible
 
 # n, c_in, c_out, h, w: even maps, odd and non-square ones (padded to whole tiles), 1×1 and 1×2
 SHAPES = [(4, 8, 16, 8, 8), (3, 5, 7, 7, 5), (2, 6, 4, 1, 1), (2, 3, 9, 1, 2), (1, 16, 8, 12, 10)]
@@ -68,8 +67,8 @@ def test_float64_equals_conv2d(shape, channels_last, bias):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_fp32_against_float64(seed):
-    """fp32 rounding only: the transforms' entries are 0, ±½, ±1 and the ResNet-width sums (288
-    and 4,608 terms) stay within 1e-5 of the float64 result, as the direct fp32 sum does."""
+    """fp32 rounding only: the transforms' entries are 0, ±½, ±1, and the ResNet-width sums (288
+    and 4,608 terms) stay within 1e-5 of the float64 result."""
     for shape in [(4, 32, 32, 8, 8), (2, 512, 64, 4, 4)]:
         x, weight, b, grad_y = inputs(shape, torch.float64, True, True, seed)
         ref = values_and_grads(lambda *a: F.conv2d(*a, padding=1), x, weight, b, grad_y)
@@ -111,7 +110,7 @@ def test_filters_shared_over_sub_batches(monkeypatch, every_call):
     calls.clear()
     ours(x)  # outside the block: nothing is kept between forwards (the weights may change)
     ours(x)
-    assert len(calls) == 2 and winograd._shared is None
+    assert len(calls) == 2 and winograd._shared.get() is None
 
 
 def test_module_falls_back_outside_fp32_and_fp64(every_call):
@@ -127,7 +126,7 @@ def test_module_falls_back_outside_fp32_and_fp64(every_call):
         assert torch.equal(ours(x), ref(x))
 
 
-def test_eligibility_and_swap(monkeypatch):
+def test_eligibility_and_swap():
     wide = nn.Conv2d(256, 256, 3, padding=1, bias=False)
     assert winograd_eligible(wide)
     for other in (nn.Conv2d(128, 256, 3, padding=1), nn.Conv2d(256, 128, 3, padding=1),
@@ -145,6 +144,74 @@ def test_eligibility_and_swap(monkeypatch):
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     conv.use_native_convolutions_(net)
     assert type(net[0]) is nn.Conv2d
+    assert use_winograd_(net, gemm_fallback=True) == 1 and type(net[0]) is WinogradGemmConv2d
+    conv.use_native_convolutions_(net)
+    assert type(net[0]) is nn.Conv2d
+
+
+def test_module_built_with_another_shape_is_plain_conv2d(every_call):
+    """WinogradConv2d constructed directly with a shape F(2×2, 3×3) does not compute (no
+    padding, a stride, groups) runs nn.Conv2d's forward: the same output shape and values."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 6)
+    for kwargs in ({"padding": 0}, {"padding": 1, "stride": 2}, {"padding": 1, "groups": 2}):
+        ours, ref = WinogradConv2d(4, 4, 3, **kwargs), nn.Conv2d(4, 4, 3, **kwargs)
+        ref.load_state_dict(ours.state_dict())
+        assert torch.equal(ours(x), ref(x)), kwargs
+
+
+def test_output_layout_follows_the_input(every_call):
+    ours = WinogradConv2d(4, 4, 3, padding=1)
+    x = torch.randn(2, 4, 6, 6)
+    assert ours(x).is_contiguous()
+    assert ours(x.contiguous(memory_format=torch.channels_last)).is_contiguous(
+        memory_format=torch.channels_last)
+
+
+def test_fallback_keeps_the_gemm_weight_gradient(monkeypatch):
+    """With both paths on (AVX2 fp32 auto), a call too small for Winograd (ResNet-50's 7×7
+    layer4 in sub-batches of 4: 64 tiles) computes its weight gradient by GEMM, as the layer
+    would without Winograd."""
+    calls = []
+    real = conv.weight_grad
+    monkeypatch.setattr(conv, "weight_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1, bias=False))
+    ref = GemmGradConv2d(256, 256, 3, padding=1, bias=False)
+    ref.load_state_dict(layer[0].state_dict())
+    use_winograd_(layer, gemm_fallback=True)
+    x = torch.randn(4, 256, 7, 7, requires_grad=True)
+    layer(x).square().sum().backward()
+    assert calls == [1]
+    ref(x).square().sum().backward()
+    assert rel_err(layer[0].weight.grad, ref.weight.grad) < 1e-5
+
+
+def test_shared_filters_stay_in_their_thread(every_call):
+    """A block in one thread does not hand its filters to a forward in another (the cache is a
+    context variable): after the other thread changes the weight, its forward sees the change."""
+    import threading
+
+    torch.manual_seed(0)
+    ours = WinogradConv2d(4, 4, 3, padding=1, bias=False).double()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    inside, done = threading.Event(), threading.Event()
+
+    def hold_a_block():
+        with filters_reused():
+            ours(x)
+            inside.set()
+            done.wait(10)
+
+    t = threading.Thread(target=hold_a_block)
+    t.start()
+    assert inside.wait(10)
+    with torch.no_grad():
+        ours.weight.mul_(2)
+        assert rel_err(ours(x), F.conv2d(x, ours.weight, padding=1)) < 1e-12
+    done.set()
+    t.join()
+    assert winograd._shared.get() is None
 
 
 def test_auto_rule_and_setting(monkeypatch):
@@ -165,18 +232,24 @@ def test_auto_rule_and_setting(monkeypatch):
         apply_overrides(TrainConfig(), ["run.conv_winograd=fast"])
 
 
-def test_build_model_matches_direct_convolutions(monkeypatch, every_call):
-    """Through the one build path (both encoders swapped, the query's split-BN sub-batches
-    sharing filters): the MoCo loss and every query gradient equal the direct convolutions'
-    in float64."""
+@pytest.mark.parametrize("weight_grad", ["native", "gemm"])
+def test_build_model_matches_direct_convolutions(monkeypatch, every_call, weight_grad):
+    """Through the one build path (both encoders swapped, each split-BN block transforming each
+    filter once; with `gemm`, AVX2's default pair): the MoCo loss and every query gradient
+    equal the direct convolutions' in float64."""
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(conv, "MIN_IN_CHANNELS", 1)
+    monkeypatch.setattr(conv, "MAX_OUTPUT_PIXELS", 10**9)
+    transforms = []
+    real = winograd.filter_transform
+    monkeypatch.setattr(winograd, "filter_transform", lambda w: transforms.append(1) or real(w))
 
     def model(mode: str):
         cfg = apply_overrides(TrainConfig(), [
             "backbone.name=resnet18", "backbone.cifar_stem=true", "method.queue_size=64",
             "schedule.batch_size=8", "method.dim=16", "method.mlp_hidden=32",
             "method.bn_splits=2", "run.device=cpu", "run.precision=fp32",
-            "run.conv_weight_grad=native", f"run.conv_winograd={mode}",
+            f"run.conv_weight_grad={weight_grad}", f"run.conv_winograd={mode}",
             "+backbone.kwargs.channels=[8,16,32,64]"])
         torch.manual_seed(0)
         return build_model(cfg, local_runtime(cfg)).double()
@@ -188,8 +261,9 @@ def test_build_model_matches_direct_convolutions(monkeypatch, every_call):
                 p.uniform_(0.5, 1.5)
     ours.load_state_dict(direct.state_dict())
     # the 3×3 stride-1 convolutions: stem + 4 blocks × 2 − 3 strided
-    assert sum(type(m) is WinogradConv2d for m in ours.query_encoder.modules()) == 14
-    assert sum(type(m) is WinogradConv2d for m in ours.key_encoder.modules()) == 14
+    kind = WinogradGemmConv2d if weight_grad == "gemm" else WinogradConv2d
+    assert sum(type(m) is kind for m in ours.query_encoder.modules()) == 14
+    assert sum(type(m) is kind for m in ours.key_encoder.modules()) == 14
     g = torch.Generator().manual_seed(1)
     x_q, x_k = (torch.randn(8, 3, 16, 16, generator=g, dtype=torch.float64)
                 .contiguous(memory_format=torch.channels_last) for _ in range(2))
@@ -199,6 +273,7 @@ def test_build_model_matches_direct_convolutions(monkeypatch, every_call):
         out = m(x_q, x_k, momentum=0.99)
         out.loss.backward()
         losses.append(out.loss.detach())
+    assert len(transforms) == 28  # 14 filters, once for the queries' block, once for the keys'
     assert rel_err(losses[0], losses[1]) < 1e-12
     mine = dict(ours.query_encoder.named_parameters())
     for name, p in direct.query_encoder.named_parameters():

@@ -57,12 +57,14 @@ def run_arm(name: str, adef: ArmDef, base: TrainConfig, modes: list[str], device
             continue
         batches = synthetic_batches(arm, cfg, device) if mode == "model" else arm.batches()
         log.info("bench %s / %s ...", name, mode)
-        timed = mode != "data"  # a step with FLOPs: its ceiling sampled around every window
-        row.update(measure(arm.step if timed else no_step, batches, device,
-                           cfg.schedule.batch_size, bench, mode != "model",
-                           ceiling=arm_ceilings.sample if timed else None))
+        # model mode: the ceiling sampled around every window; with a loader (full, data) only
+        # after the windows, since a loader refills its prefetch while a sample runs
+        synthetic = mode == "model"
+        row.update(measure(no_step if mode == "data" else arm.step, batches, device,
+                           cfg.schedule.batch_size, bench, not synthetic,
+                           ceiling=arm_ceilings.sample if synthetic else None))
         batches.close()
-        if not timed:
+        if not synthetic:
             arm_ceilings.sample()  # after the mode's windows
         row["peak_mem_mb"] = memory.peak_mb()
         if mode == "data":

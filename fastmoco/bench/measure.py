@@ -7,7 +7,7 @@ import math
 import resource
 import statistics
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -72,7 +72,7 @@ def profile_pass(step: Callable, batches: Iterator, device: torch.device,
 
 def measure(step: Callable, batches: Iterator, device: torch.device, batch_size: int,
             bench: BenchConfig, from_loader: bool,
-            ceiling: Optional[Callable[[], dict[str, float]]] = None) -> dict[str, Any]:
+            ceiling: Callable[[], dict[str, float]] | None = None) -> dict[str, Any]:
     """Warm-up, timed windows (images/s: median, min, max over windows), then the profile pass.
     `ceiling`: sampled before the first window and after each one (`window_ceilings`), so that
     each window's fraction of the ceiling uses the machine's pace around that window."""

@@ -138,8 +138,9 @@ def format_table(result: dict[str, Any]) -> str:
         bf = ceil.get("mm_bf16_flops")
         lines.append(f"ceilings at start: mm {ceil['mm_n']}³ fp32 {ceil['mm_fp32_flops'] / 1e9:.1f} GFLOP/s"
                      + (f", bf16 {bf / 1e9:.1f} GFLOP/s" if bf else "")
-                     + f"; copy {ceil['copy_bytes_s'] / 1e9:.1f} GB/s  (%ceil: each window against "
-                     f"the mm rate measured just before and after it, median; column ceilGF)")
+                     + f"; copy {ceil['copy_bytes_s'] / 1e9:.1f} GB/s  (%ceil: median over windows of "
+                     f"each against the mm rate measured just before and after it, so not img/s × "
+                     f"FLOP ÷ ceilGF, the median of those rates; FLOPs of direct convolutions)")
     head = (f"{'mode':5} {'arm':16} {'img/s':>8} {'min-max':>13} {'×ref':>5} {'%ceil':>6} "
             f"{'%bf16':>6} {'÷model':>6} " + " ".join(f"{p[:5]:>6}" for p in PHASES)
             + f" {'ceilGF':>6} {'memMB':>7} {'dtype':8} {'CL':2} {'cmp':3} {'warm s':>6}  pipeline")
