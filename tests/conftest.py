@@ -67,3 +67,30 @@ def rerun_in_triton_interpreter():
         assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
         assert " passed" in r.stdout, r.stdout[-2000:]
     return rerun
+
+
+@pytest.fixture
+def tiny_moco():
+    """A builder of the float64 MoCo v2 test model through the one build path: ResNet-18 with
+    the CIFAR stem at channels 8-64, K 64, batch 8, split BN 2, fp32 settings, plus the given
+    overrides; every BN weight drawn from U(0.5, 1.5) with a fixed seed (timm zero-initialises
+    each block's last BN, and no gradient would reach the convolutions inside the block)."""
+    from fastmoco.build import build_model, local_runtime
+    from fastmoco.config import TrainConfig, apply_overrides
+
+    def make(*overrides: str):
+        cfg = apply_overrides(TrainConfig(), [
+            "backbone.name=resnet18", "backbone.cifar_stem=true", "method.queue_size=64",
+            "schedule.batch_size=8", "method.dim=16", "method.mlp_hidden=32",
+            "method.bn_splits=2", "run.device=cpu", "run.precision=fp32",
+            "+backbone.kwargs.channels=[8,16,32,64]", *overrides])
+        torch.manual_seed(0)
+        model = build_model(cfg, local_runtime(cfg)).double()
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "bn" in name and name.endswith("weight"):
+                    p.copy_(torch.rand(p.shape, generator=g, dtype=p.dtype) + 0.5)
+        return model
+
+    return make

@@ -12,7 +12,6 @@ from torch import nn
 
 from fastmoco import conv
 from fastmoco.backbone import create_backbone
-from fastmoco.build import build_model, local_runtime
 from fastmoco.config import TrainConfig, apply_overrides
 from fastmoco.conv import (
     GemmGradConv2d, resolve_conv_weight_grad, use_gemm_weight_grad_, use_native_convolutions_,
@@ -191,24 +190,11 @@ def test_default_thresholds():
     assert strided._output_pixels(torch.empty(1, 256, 8, 8)) == 16
 
 
-def test_build_model_swaps_and_matches_native(gemm_everywhere):
+def test_build_model_swaps_and_matches_native(gemm_everywhere, tiny_moco):
     """The one build path swaps both encoders' convolutions when asked; the query encoder's
     gradients then equal the native ones (float64: the same sums in another order)."""
-    def model(mode: str):
-        cfg = apply_overrides(TrainConfig(), [
-            "backbone.name=resnet18", "backbone.cifar_stem=true", "method.queue_size=64",
-            "schedule.batch_size=8",
-            "method.dim=16", "method.mlp_hidden=32", "method.bn_splits=2", "run.device=cpu",
-            "run.precision=fp32", f"run.conv_weight_grad={mode}",
-            "+backbone.kwargs.channels=[8,16,32,64]"])
-        torch.manual_seed(0)
-        return build_model(cfg, local_runtime(cfg)).double()
-
-    gemm, native = model("gemm"), model("native")
-    with torch.no_grad():  # timm zero-initialises each block's last BN: no gradient would reach
-        for name, p in native.named_parameters():  # the convolutions inside the block
-            if "bn" in name and name.endswith("weight"):
-                p.uniform_(0.5, 1.5)
+    gemm = tiny_moco("run.conv_weight_grad=gemm", "run.conv_winograd=off")
+    native = tiny_moco("run.conv_weight_grad=native", "run.conv_winograd=off")
     gemm.load_state_dict(native.state_dict())
     assert sum(type(m) is GemmGradConv2d for m in gemm.query_encoder.modules()) == 17
     assert sum(type(m) is GemmGradConv2d for m in gemm.key_encoder.modules()) == 17

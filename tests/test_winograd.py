@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmoco import conv, winograd
-from fastmoco.build import build_model, local_runtime
 from fastmoco.config import TrainConfig, apply_overrides
 from fastmoco.conv import GemmGradConv2d, WinogradGemmConv2d, use_winograd_
 from fastmoco.winograd import WinogradConv2d, conv3x3, filters_reused, winograd_eligible
@@ -233,7 +232,7 @@ def test_auto_rule_and_setting(monkeypatch):
 
 
 @pytest.mark.parametrize("weight_grad", ["native", "gemm"])
-def test_build_model_matches_direct_convolutions(monkeypatch, every_call, weight_grad):
+def test_build_model_matches_direct_convolutions(monkeypatch, every_call, tiny_moco, weight_grad):
     """Through the one build path (both encoders swapped, each split-BN block transforming each
     filter once; with `gemm`, AVX2's default pair): the MoCo loss and every query gradient
     equal the direct convolutions' in float64."""
@@ -244,21 +243,8 @@ def test_build_model_matches_direct_convolutions(monkeypatch, every_call, weight
     real = winograd.filter_transform
     monkeypatch.setattr(winograd, "filter_transform", lambda w: transforms.append(1) or real(w))
 
-    def model(mode: str):
-        cfg = apply_overrides(TrainConfig(), [
-            "backbone.name=resnet18", "backbone.cifar_stem=true", "method.queue_size=64",
-            "schedule.batch_size=8", "method.dim=16", "method.mlp_hidden=32",
-            "method.bn_splits=2", "run.device=cpu", "run.precision=fp32",
-            f"run.conv_weight_grad={weight_grad}", f"run.conv_winograd={mode}",
-            "+backbone.kwargs.channels=[8,16,32,64]"])
-        torch.manual_seed(0)
-        return build_model(cfg, local_runtime(cfg)).double()
-
-    ours, direct = model("on"), model("off")
-    with torch.no_grad():  # timm zero-initialises each block's last BN: no gradient would reach
-        for name, p in direct.named_parameters():  # the convolutions inside the block
-            if "bn" in name and name.endswith("weight"):
-                p.uniform_(0.5, 1.5)
+    ours = tiny_moco(f"run.conv_weight_grad={weight_grad}", "run.conv_winograd=on")
+    direct = tiny_moco(f"run.conv_weight_grad={weight_grad}", "run.conv_winograd=off")
     ours.load_state_dict(direct.state_dict())
     # the 3×3 stride-1 convolutions: stem + 4 blocks × 2 − 3 strided
     kind = WinogradGemmConv2d if weight_grad == "gemm" else WinogradConv2d
