@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 from hydra import compose, initialize_config_module
@@ -27,6 +26,7 @@ from fastmoco.bench.measure import matmul_rate, step_flops, synchronize
 from fastmoco.build import planned_steps
 from fastmoco.config import apply_overrides
 from fastmoco.device import cpu_kind, resolve_device
+from step_ab import in_turns  # run as python benchmarks/arms_ab.py
 
 
 def main() -> None:
@@ -42,33 +42,21 @@ def main() -> None:
     device = resolve_device(cfg.run.device)
     flop_per_image = step_flops(cfg, device) / cfg.schedule.batch_size
     total = planned_steps(cfg, max(1, cfg.data.synthetic_images // cfg.schedule.batch_size))
-    arms, batches = {}, {}
+    steps = {}
     for name in a.arms:
         adef = bench.arm_defs.get(name) or ArmDef(kind=name)
         arm_cfg = apply_overrides(cfg, adef.overrides)
-        arms[name] = build_arm(name, adef.kind, arm_cfg, device, None, total)
-        batches[name] = synthetic_batches(arms[name], arm_cfg, device)
-    for name, arm in arms.items():  # warm-up: primitives, allocator, lazy optimizer state
-        for _ in range(max(1, bench.warmup)):
-            arm.step(*next(batches[name]))
-
-    def ceiling() -> float:
-        return matmul_rate(device, torch.float32, bench.ceilings.mm_size, bench.ceilings.mm_reps)
-
-    samples = [ceiling()]
-    seconds: dict[str, list[float]] = {n: [] for n in arms}
-    for _ in range(a.rounds):
-        for name, arm in arms.items():
-            x_q, x_k = next(batches[name])
-            synchronize(device)
-            start = time.perf_counter()
-            arm.step(x_q, x_k)
-            synchronize(device)
-            seconds[name].append(time.perf_counter() - start)
-        samples.append(ceiling())
+        arm = build_arm(name, adef.kind, arm_cfg, device, None, total)
+        views = next(synthetic_batches(arm, arm_cfg, device))  # model mode: the same pair always
+        steps[name] = lambda arm=arm, views=views: arm.step(*views)
+    samples: list[float] = []
+    seconds = in_turns(steps, a.rounds, warmup=max(1, bench.warmup),
+                       around=lambda: samples.append(matmul_rate(
+                           device, torch.float32, bench.ceilings.mm_size, bench.ceilings.mm_reps)),
+                       sync=lambda: synchronize(device))
     ceilings = [max(u, v) for u, v in zip(samples, samples[1:])]
     b = cfg.schedule.batch_size
-    first = next(iter(arms))
+    first = next(iter(seconds))
     print(f"{cpu_kind()}, {torch.get_num_threads()} threads, case {a.case}, {a.rounds} rounds "
           f"in turns, {flop_per_image * b / 1e9:.1f} GFLOP a step (direct convolutions); mm "
           f"ceiling {min(samples) / 1e9:.0f}-{max(samples) / 1e9:.0f} GFLOP/s over the run")

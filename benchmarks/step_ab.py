@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -27,6 +28,28 @@ CASE = ["backbone.name=resnet18", "backbone.cifar_stem=true", "data.name=synthet
         "method.queue_size=4096", "method.bn_splits=8", "method.temperature=0.1",
         "method.momentum=0.99", "run.compile=off", "run.precision=fp32", "run.device=cpu",
         "run.channels_last=true"]
+
+
+def in_turns(steps: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
+             around: Callable[[], None] = lambda: None,
+             sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Seconds of each step, one of each per round for `rounds` rounds, after `warmup` calls of
+    each (primitives, allocator, lazy state); `around` runs before the first round and after
+    each one, outside the timings; `sync` brackets each timing (a GPU's queue)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    around()
+    times: dict[str, list[float]] = {n: [] for n in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times[name].append(time.perf_counter() - start)
+        around()
+    return times
 
 
 def parse_variants(words: list[str]) -> dict[str, list[str]]:
@@ -63,14 +86,7 @@ def main() -> None:
         batches[name] = next(iter(SyntheticTwoViewLoader(b, b, cfg.data.image_size, rt.device,
                                                          rt.dtype, cfg.run.channels_last, 0)))
     step = {n: (lambda n=n: trainers[n].step(*batches[n], 0.03, 0.99)) for n in trainers}
-    for n in step:  # warm-up: oneDNN primitives, allocator
-        step[n]()
-    times: dict[str, list[float]] = {n: [] for n in step}
-    for _ in range(a.reps):
-        for n in step:
-            t = time.perf_counter()
-            step[n]()
-            times[n].append(time.perf_counter() - t)
+    times = in_turns(step, a.reps)
     print(f"{cpu_kind()}, {torch.get_num_threads()} threads, {a.reps} steps each, in turns; "
           f"case {' '.join(a.case) or 'r18_cifar (default)'}")
     first = statistics.median(times[next(iter(times))])

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from fastmoco.conv import GemmGradConv2d
 from fastmoco.device import cpu_kind
 from fastmoco.winograd import conv3x3
+from step_ab import in_turns  # run as python benchmarks/winograd_shapes.py
 
 SHAPES = ["32,64,32", "32,128,16", "32,256,8", "32,512,4", "4,256,14", "4,512,7"]
 
@@ -54,15 +54,8 @@ def main() -> None:
                 conv3x3(x, conv.weight)
 
         arms = (native, winograd, native_fwd, winograd_fwd)
-        for f in arms:  # warm-up: oneDNN primitives, allocator
-            f()
-        times: dict = {f: [] for f in arms}
-        for _ in range(a.reps):
-            for f in arms:
-                start = time.perf_counter()
-                f()
-                times[f].append(time.perf_counter() - start)
-        ms = [1000 * statistics.median(times[f]) for f in arms]
+        times = in_turns({f.__name__: f for f in arms}, a.reps)
+        ms = [1000 * statistics.median(t) for t in times.values()]
         print(f"{spec:>12} {ms[0]:13.1f}ms {ms[1]:7.1f}ms {ms[0] / ms[1]:5.2f}x "
               f"{ms[2]:9.1f}ms {ms[3]:7.1f}ms {ms[2] / ms[3]:5.2f}x", flush=True)
 
