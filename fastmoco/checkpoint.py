@@ -86,9 +86,11 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load tensors and plain containers only: a checkpoint cannot run code on load."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    mmap: bool = False) -> dict[str, Any]:
+    """Load tensors and plain containers only: a checkpoint cannot run code on load. `mmap`:
+    tensors map the file instead of being read (a look at the config reads little)."""
+    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 def verify_checkpoint(path: str | Path) -> None:

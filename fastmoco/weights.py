@@ -139,7 +139,7 @@ def linear_preset_for(source: str | Path) -> Optional[str]:
     from fastmoco.checkpoint import load_checkpoint
 
     try:
-        ckpt = load_checkpoint(resolve_checkpoint(source), map_location="cpu")
+        ckpt = load_checkpoint(resolve_checkpoint(source), mmap=True)  # the eval reads it whole
     except Exception:  # noqa: BLE001 - not a checkpoint: the default preset, and the load
         return None  # itself reports what is wrong with it
     config = ckpt.get("config") if isinstance(ckpt, dict) else None
