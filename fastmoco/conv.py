@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 from fastmoco.config import CONV_WEIGHT_GRADS, CONV_WINOGRAD, choose
 from fastmoco.device import cpu_kind
 from fastmoco.winograd import MIN_CHANNELS as WINOGRAD_MIN_CHANNELS
-from fastmoco.winograd import WinogradConv2d, winograd_eligible
+from fastmoco.winograd import WinogradConv2d, winograd_eligible, zero_padded_nhwc
 
 # The GEMM path only for output maps of at most 8×8 from at least 256 input channels: there it
 # ran 1.2-1.9× oneDNN's weight gradient alone (ResNet-18 at 32 px, AVX2 EPYC); from 16×16 up,
@@ -41,17 +41,10 @@ def weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: tuple[int,
     """dL/dW of conv2d(x, W, stride=stride, padding=padding) (one group, no dilation) from
     dL/dy, as Σ over chunks of images of grad_outᵀ @ im2col(x); (C_out, C_in, kh, kw) with
     channels-last strides, the layout of a channels-last weight."""
-    n, c, h, w = x.shape
+    n, c = x.shape[:2]
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
     c_out, h_out, w_out = grad_out.shape[1:]
-    xp = x.new_empty(n, h + 2 * ph, w + 2 * pw, c)  # NHWC, zero border: every window in bounds
-    xp[:, ph:ph + h, pw:pw + w] = x.permute(0, 2, 3, 1)
-    if ph:
-        xp[:, :ph].zero_()
-        xp[:, ph + h:].zero_()
-    if pw:
-        xp[:, ph:ph + h, :pw].zero_()
-        xp[:, ph:ph + h, pw + w:].zero_()
+    xp = zero_padded_nhwc(x, ph, ph, pw, pw)  # every window in bounds
     g = grad_out.permute(0, 2, 3, 1)  # NHWC: a free view when grad_out is channels-last
     s_n, s_h, s_w, s_c = xp.stride()
     per_image = h_out * w_out * kh * kw * c * x.element_size()

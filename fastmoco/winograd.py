@@ -85,15 +85,26 @@ def _input_adjoint_1d(d: torch.Tensor, dim: int, out: torch.Tensor) -> None:
     odd[last].sub_(d[3])
 
 
+def zero_padded_nhwc(x: torch.Tensor, top: int, bottom: int, left: int, right: int
+                     ) -> torch.Tensor:
+    """x (N, C, H, W, any layout) copied into an NHWC buffer with zero borders of these widths;
+    only the borders are zeroed."""
+    n, c, h, w = x.shape
+    xp = x.new_empty(n, top + h + bottom, left + w + right, c)
+    xp[:, top:top + h, left:left + w] = x.permute(0, 2, 3, 1)
+    for border in (xp[:, :top], xp[:, top + h:], xp[:, top:top + h, :left],
+                   xp[:, top:top + h, left + w:]):
+        border.zero_()
+    return xp
+
+
 def input_transform(x: torch.Tensor) -> torch.Tensor:
     """V = Bᵀ d B for every 4×4 tile (stride 2) of x zero-padded by 1 (and to even sizes):
     (16, N·tiles, C_in) from an (N, C_in, H, W) input."""
     n, c, h, w = x.shape
     th, tw = (h + 1) // 2, (w + 1) // 2
-    xp = x.new_empty(n, 2 * th + 2, 2 * tw + 2, c)
-    xp[:, 1:h + 1, 1:w + 1] = x.permute(0, 2, 3, 1)
-    for border in (xp[:, 0], xp[:, h + 1:], xp[:, 1:h + 1, 0], xp[:, 1:h + 1, w + 1:]):
-        border.zero_()  # the padding, and the rows/columns that complete an odd size's tiles
+    # the padding of 1, and the rows/columns that complete an odd size's tiles
+    xp = zero_padded_nhwc(x, 1, 2 * th + 1 - h, 1, 2 * tw + 1 - w)
     rows = x.new_empty(4, n, th, 2 * tw + 2, c)
     _input_transform_1d(xp, 1, th, rows)
     v = x.new_empty(4, 4, n, th, tw, c)
