@@ -89,8 +89,13 @@ def test_cli_smoke_every_arm_and_mode_with_sane_numbers(tiny_cifar, tmp_path):
     timed = [r for r in rows if "img_s" in r and r["mode"] != "data"]
     assert timed and all(r["arm_ceilings"]["mm_fp32_flops"] > 0 for r in timed)
     assert all(len(r["arm_ceilings"]["samples"]["mm_fp32_flops"]) >= 2 for r in timed)
-    assert all(len(r["window_ceilings"]) == len(r["windows"]) + 1
-               for r in timed if r["mode"] == "model")
+    # The model mode runs in turns: each window bracketed by its own ceilings, one group here.
+    model = [r for r in timed if r["mode"] == "model"]
+    assert all(len(r["window_ceilings"]) == len(r["windows"]) and
+               all(len(pair) == 2 for pair in r["window_ceilings"]) for r in model)
+    assert {r["in_turns"] for r in model} == {0}
+    assert result["cases"]["current"]["turn_groups"] == [[r["arm"] for r in model]]
+    assert "model mode in turns: reference, fastmoco" in res.stdout
     assert not any("window_ceilings" in r for r in rows if r["mode"] != "model")
     assert result["ceilings"]["mm_fp32_flops"] > 0 and result["ceilings"]["copy_bytes_s"] > 0
     assert result["cases"]["current"]["flops_per_step"] > 0
@@ -297,8 +302,8 @@ def test_fraction_of_ceiling_pairs_each_window_with_the_pace_around_it():
     from fastmoco.bench.report import add_ratios
     row = {"arm": "fastmoco", "mode": "model", "dtype": "float32", "img_s": 15.0,
            "windows": [20.0, 10.0],
-           "window_ceilings": [{"mm_fp32_flops": 200.0}, {"mm_fp32_flops": 100.0},
-                               {"mm_fp32_flops": 100.0}],
+           "window_ceilings": [[{"mm_fp32_flops": 200.0}, {"mm_fp32_flops": 100.0}],
+                               [{"mm_fp32_flops": 100.0}, {"mm_fp32_flops": 100.0}]],
            "arm_ceilings": {"mm_fp32_flops": 200.0}}
     case = {"rows": [row], "flops_per_step": 4.0, "batch": 4}  # 1 FLOP an image
     add_ratios(case, {})

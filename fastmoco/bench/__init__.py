@@ -12,7 +12,9 @@ ranges split a step into forward / backward / optimizer / ema / loss / queue (da
     measure.py     timed windows, profile pass, peak memory, mm / copy / FLOP ceilings
     phases.py      the profiler's ranges → ms per phase
     report.py      ratios, targets, the table, the chart
-    driver.py      cases × arms × modes, each arm in its own process; bench_main (hydra)
+    turns.py       arms whose windows run in turns, round by round, each in its own process
+    driver.py      cases × arms × modes, each arm in its own process, the model mode in turns;
+                   bench_main (hydra)
 """
 from fastmoco.bench.config import ArmDef, BenchConfig, CaseDef, CeilingConfig, Target, split_config
 from fastmoco.bench.driver import bench_main, run_bench

@@ -87,6 +87,11 @@ class BenchConfig:
     # Each arm in a fresh process: none inherits another's allocator state, threads or caches
     # (in one process the arm that runs later measured up to 25 % faster on the CPU).
     isolate: bool = True
+    # The model mode of every arm in turns (one window of each arm, then the next round; each
+    # arm still in its own process when isolate): the ratios between arms then compare the same
+    # minutes of a shared machine, whose pace moves 20-30 % within minutes. false: one arm
+    # after another, as the data and full modes always run.
+    in_turns: bool = True
 
     def __post_init__(self) -> None:
         for mode in self.modes:

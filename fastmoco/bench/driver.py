@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Generator
 
 import hydra
 import torch
@@ -21,7 +21,10 @@ from omegaconf import DictConfig
 
 from fastmoco.bench.arms import build_arm, synthetic_batches
 from fastmoco.bench.config import ArmDef, BenchConfig, CaseDef, split_config
-from fastmoco.bench.measure import ArmCeilings, PeakMemory, ceilings, measure, no_step, step_flops
+from fastmoco.bench.measure import (
+    ArmCeilings, PeakMemory, ceilings, finish, measure_stages, no_step, step_flops,
+)
+from fastmoco.bench.turns import ArmFailed, child_setup, in_turns
 from fastmoco.bench.report import add_ratios, check_targets, format_table, plot, setting
 from fastmoco.build import planned_steps
 from fastmoco.config import LABELS, TrainConfig, apply_overrides
@@ -33,9 +36,12 @@ KERNELS_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.p
 DATA_KEYS = ("img_s", "img_s_min", "img_s_max", "windows", "warmup_s", "phases_ms")
 
 
-def run_arm(name: str, adef: ArmDef, base: TrainConfig, modes: list[str], device: torch.device,
-            files, total_steps: int, bench: BenchConfig, data_cache: dict) -> list[dict]:
-    """Every requested mode of one arm; one model build (and compile) serves them all."""
+def arm_stages(name: str, adef: ArmDef, base: TrainConfig, modes: list[str],
+               device: torch.device, files, total_steps: int, bench: BenchConfig,
+               data_cache: dict, bracket: bool = False) -> Generator[None, None, list[dict]]:
+    """Every requested mode of one arm, pausing (yield) after its warm-up and after each timed
+    window so that arms can run in turns; one model build (and compile) serves every mode.
+    `bracket`: sample the ceiling just before each model window too (other arms ran since)."""
     cfg = apply_overrides(base, adef.overrides)
     arm_ceilings = ArmCeilings(device, bench.ceilings)
     arm_ceilings.sample()  # before the arm: the machine as this arm finds it
@@ -60,9 +66,10 @@ def run_arm(name: str, adef: ArmDef, base: TrainConfig, modes: list[str], device
         # model mode: the ceiling sampled around every window; with a loader (full, data) only
         # after the windows, since a loader refills its prefetch while a sample runs
         synthetic = mode == "model"
-        row.update(measure(no_step if mode == "data" else arm.step, batches, device,
-                           cfg.schedule.batch_size, bench, not synthetic,
-                           ceiling=arm_ceilings.sample if synthetic else None))
+        row.update((yield from measure_stages(
+            no_step if mode == "data" else arm.step, batches, device, cfg.schedule.batch_size,
+            bench, not synthetic, ceiling=arm_ceilings.sample if synthetic else None,
+            bracket=bracket)))
         batches.close()
         if not synthetic:
             arm_ceilings.sample()  # after the mode's windows
@@ -81,11 +88,13 @@ def run_arm(name: str, adef: ArmDef, base: TrainConfig, modes: list[str], device
     return rows
 
 
+def run_arm(*args) -> list[dict]:
+    """arm_stages from start to end: the arm alone."""
+    return finish(arm_stages(*args))
+
+
 def _run_arm_in_child(*args) -> tuple[list[dict], dict]:
-    # A spawned child inherits "spawn" as its start method; its DataLoader workers should start the
-    # way they would in a normal run (the platform's default, listed first).
-    multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    child_setup()
     data_cache = args[-1]
     return run_arm(*args), data_cache
 
@@ -126,6 +135,8 @@ def run_case(cname: str, cfg: TrainConfig, cdef: CaseDef, bench: BenchConfig,
     # the training run this config describes: compile=auto decides on it, as train() does
     total = planned_steps(cfg, max(1, n_images // cfg.schedule.batch_size))
     data_cache: dict = {}
+    by_arm: dict[str, list[dict]] = {}  # the case's rows, arm by arm in the bench's order
+    timed: dict[str, tuple[ArmDef, list[str]]] = {}
     for name in cdef.arms or bench.arms:
         adef = bench.arm_defs.get(name) or ArmDef(kind=name)
         arm_modes = [m for m in modes if adef.modes is None or m in adef.modes]
@@ -133,30 +144,60 @@ def run_case(cname: str, cfg: TrainConfig, cdef: CaseDef, bench: BenchConfig,
             continue
         if not adef.applies_to(cfg.method.variant):
             why = not_applicable(name, adef, cfg.method.label)
-            log.info("arm %s skipped: %s", name, why)
-            case["rows"] += _skipped(name, arm_modes, why)
-            continue
-        if adef.needs_bf16 and device.type == "cpu" and not cpu_prefers_bf16():
+        elif adef.needs_bf16 and device.type == "cpu" and not cpu_prefers_bf16():
             why = (f"bf16 is not this CPU's fast path ({cpu_kind()}, bf16 measured "
                    f"{cpu_bf16_speedup():.2f}x fp32; 0 = emulated): fastmoco runs fp32 here, and "
                    f"the arm would time a slow bf16")
-            log.info("arm %s skipped: %s", name, why)
-            case["rows"] += _skipped(name, arm_modes, why)
+        else:
+            by_arm[name], timed[name] = [], (adef, arm_modes)
+            continue
+        log.info("arm %s skipped: %s", name, why)
+        by_arm[name] = _skipped(name, arm_modes, why)
+
+    def landed() -> None:
+        case["rows"] = [r for rows in by_arm.values() for r in rows]
+        add_ratios(case, ceil)
+        on_arm(case)
+
+    turns = [n for n, (_, m) in timed.items() if "model" in m] if bench.in_turns else []
+    if len(turns) > 1:  # the model mode of every arm, in turns
+        args = {n: (n, timed[n][0], cfg, ["model"], device, None, total, bench, {}, True)
+                for n in turns}
+        log.info("bench: model mode of %s in turns", ", ".join(turns))
+        groups = in_turns(args, arm_stages, bench.isolate)
+        case["turn_groups"] = [list(g) for g in groups]
+        for number, group in enumerate(groups):
+            for name, got in group.items():
+                if isinstance(got, ArmFailed):
+                    log.warning("arm %s skipped: %s", name, got)
+                    by_arm[name] += _skipped(name, ["model"], str(got))
+                else:
+                    by_arm[name] += [r | {"in_turns": number} for r in got]
+        landed()
+    for name, (adef, arm_modes) in timed.items():
+        rest = [m for m in arm_modes if not (m == "model" and len(turns) > 1)]
+        if not rest:
             continue
         try:
-            args = (name, adef, cfg, arm_modes, device, files, total, bench, data_cache)
+            args = (name, adef, cfg, rest, device, files, total, bench, data_cache)
             rows, fresh = run_isolated(*args) if bench.isolate else (run_arm(*args), data_cache)
-            case["rows"] += rows
+            by_arm[name] = _by_mode(by_arm[name] + rows, arm_modes)
             data_cache.update(fresh)
         except ImportError as e:
             log.warning("arm %s skipped: %s", name, e)
-            case["rows"] += _skipped(name, arm_modes, str(e))
+            by_arm[name] = _by_mode(by_arm[name] + _skipped(name, rest, str(e)), arm_modes)
         except concurrent.futures.process.BrokenProcessPool as e:  # killed (out of memory, say)
             log.error("arm %s: its process died (%s); the other arms go on", name, e)
-            case["rows"] += _skipped(name, arm_modes, f"process died: {e}")
-        add_ratios(case, ceil)
-        on_arm(case)
+            by_arm[name] = _by_mode(by_arm[name] + _skipped(name, rest, f"process died: {e}"),
+                                    arm_modes)
+        landed()
+    if not timed:
+        landed()
     return case
+
+
+def _by_mode(rows: list[dict], modes: list[str]) -> list[dict]:
+    return sorted(rows, key=lambda r: modes.index(r["mode"]))
 
 
 def not_applicable(name: str, adef: ArmDef, label: str) -> str:

@@ -7,7 +7,7 @@ import math
 import resource
 import statistics
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generator, Iterator
 
 import torch
 
@@ -70,27 +70,51 @@ def profile_pass(step: Callable, batches: Iterator, device: torch.device,
             "step": 1000 * step_s / steps}
 
 
+def measure_stages(step: Callable, batches: Iterator, device: torch.device, batch_size: int,
+                   bench: BenchConfig, from_loader: bool,
+                   ceiling: Callable[[], dict[str, float]] | None = None,
+                   bracket: bool = False) -> Generator[None, None, dict[str, Any]]:
+    """`measure`, pausing (yield) after the warm-up and after each window, so that windows of
+    several arms can run in turns. `ceiling` is sampled before the first window and after each
+    one; with `bracket` also just before each window (another arm's window ran since the last
+    sample). `window_ceilings`: the [before, after] samples of each window."""
+    warmup_s = _window(step, batches, device, bench.warmup)
+    drained = drain(batches) if from_loader else 0
+    steps = bench.steps_per_window if step is not no_step else bench.data_steps_per_window
+    last = ceiling() if ceiling and not bracket else None
+    yield
+    rates, pairs = [], []
+    for _ in range(bench.windows):
+        before = ceiling() if ceiling and bracket else last
+        rates.append(steps * batch_size / _window(step, batches, device, steps))
+        if ceiling:
+            last = ceiling()
+            pairs.append([before, last])
+        yield
+    phases = profile_pass(step, batches, device, bench.profile_steps) if bench.profile_steps else {}
+    profiled = {"profiled_step_ms": phases.pop("step")} if phases else {}
+    around = {"window_ceilings": pairs} if pairs and pairs[0][0] else {}
+    return {"img_s": statistics.median(rates), "img_s_min": min(rates), "img_s_max": max(rates),
+            "windows": rates, "warmup_s": warmup_s, "phases_ms": phases, "drained": drained,
+            **around, **profiled}
+
+
+def finish(stages: Generator[None, None, Any]) -> Any:
+    """Run a generator of stages to its end; its return value."""
+    while True:
+        try:
+            next(stages)
+        except StopIteration as done:
+            return done.value
+
+
 def measure(step: Callable, batches: Iterator, device: torch.device, batch_size: int,
             bench: BenchConfig, from_loader: bool,
             ceiling: Callable[[], dict[str, float]] | None = None) -> dict[str, Any]:
     """Warm-up, timed windows (images/s: median, min, max over windows), then the profile pass.
     `ceiling`: sampled before the first window and after each one (`window_ceilings`), so that
     each window's fraction of the ceiling uses the machine's pace around that window."""
-    warmup_s = _window(step, batches, device, bench.warmup)
-    drained = drain(batches) if from_loader else 0
-    steps = bench.steps_per_window if step is not no_step else bench.data_steps_per_window
-    samples = [ceiling()] if ceiling else []
-    rates = []
-    for _ in range(bench.windows):
-        rates.append(steps * batch_size / _window(step, batches, device, steps))
-        if ceiling:
-            samples.append(ceiling())
-    phases = profile_pass(step, batches, device, bench.profile_steps) if bench.profile_steps else {}
-    profiled = {"profiled_step_ms": phases.pop("step")} if phases else {}
-    around = {"window_ceilings": samples} if samples and samples[0] else {}
-    return {"img_s": statistics.median(rates), "img_s_min": min(rates), "img_s_max": max(rates),
-            "windows": rates, "warmup_s": warmup_s, "phases_ms": phases, "drained": drained,
-            **around, **profiled}
+    return finish(measure_stages(step, batches, device, batch_size, bench, from_loader, ceiling))
 
 
 class PeakMemory:

@@ -49,7 +49,7 @@ def add_ratios(case: dict[str, Any], ceil: dict[str, float]) -> None:
             continue
         ref = by.get(("reference", r["mode"]))
         if ref and r["mode"] != "data":
-            r["x_reference"] = r["img_s"] / ref["img_s"]
+            r["x_reference"] = speed_ratio(r, ref)
         if flops and r["mode"] != "data":
             r["flops_s"] = flops * r["img_s"] / case["batch"]
             r.update(_fractions(r, flops / case["batch"], r.get("arm_ceilings") or ceil))
@@ -62,11 +62,22 @@ def add_ratios(case: dict[str, Any], ceil: dict[str, float]) -> None:
             r["ema_frac_copy_bw"] = 3 * case["param_bytes"] / (ema / 1000) / ceil["copy_bytes_s"]
 
 
+def speed_ratio(row: dict[str, Any], other: dict[str, Any]) -> float:
+    """row's images/s ÷ other's: the median of the per-round ratios where the two ran their
+    windows in turns (the same minutes of the machine), else the ratio of their medians."""
+    turns = row.get("in_turns")
+    if turns is not None and turns == other.get("in_turns") \
+            and len(row["windows"]) == len(other["windows"]):
+        return statistics.median(a / b for a, b in zip(row["windows"], other["windows"]))
+    return row["img_s"] / other["img_s"]
+
+
 def _fractions(row: dict[str, Any], flop_per_image: float, here: dict[str, float]
                ) -> dict[str, float]:
     """Fraction of the mm ceiling of the row's dtype (and of the bf16 one where measured): the
     median over the windows of each window's rate against the better of the two ceilings sampled
-    just before and just after it (a shared machine's pace moves within a minute); without
+    just before and just after it (`window_ceilings`: a shared machine's pace moves within a
+    minute); without
     those samples, the median rate against the arm's best (or the bench's start) ceiling."""
     low = row.get("dtype") in ("bfloat16", "float16")
     around = row.get("window_ceilings") or []
@@ -75,8 +86,8 @@ def _fractions(row: dict[str, Any], flop_per_image: float, here: dict[str, float
         key = key or ("mm_bf16_flops" if low and "mm_bf16_flops" in here else "mm_fp32_flops")
         if key not in here:
             continue
-        if len(around) == len(row["windows"]) + 1 and all(key in c for c in around):
-            ceilings = [max(a[key], b[key]) for a, b in zip(around, around[1:])]
+        if len(around) == len(row["windows"]) and all(key in c for p in around for c in p):
+            ceilings = [max(c[key] for c in pair) for pair in around]
             out[name] = statistics.median(flop_per_image * rate / c
                                           for rate, c in zip(row["windows"], ceilings))
             if name == "frac_ceiling":
@@ -108,7 +119,7 @@ def check_targets(cases: dict[str, dict], targets: list[Target],
                 value = row.get("frac_ceiling")
             elif t.metric == "vs_arm":
                 other = by.get((t.other, t.mode))
-                value = row["img_s"] / other["img_s"] if other else None
+                value = speed_ratio(row, other) if other else None
             elif t.metric == "vs_mode":
                 other = by.get((t.arm, t.other))
                 value = row["img_s"] / other["img_s"] if other else None
@@ -153,6 +164,10 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{method}{queue}"
                      + (f", {fl / 1e9:.1f} GFLOP/step" if fl else "")
                      + "  (phases: ms/step, the profile pass's fastmoco.* ranges)")
+        for number, group in enumerate(case.get("turn_groups") or []):
+            lines.append(f"model mode in turns{f' (group {number + 1})' if number else ''}: "
+                         f"{', '.join(group)}: one window of each a round; ×ref and targets "
+                         f"between them: the median of the per-round ratios")
         lines.append(head)
         for r in case["rows"]:
             if "img_s" not in r:

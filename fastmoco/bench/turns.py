@@ -1,0 +1,169 @@
+"""Arms timed in turns: each arm's stages (build and warm-up, then one timed window at a time,
+then its profile pass) run round by round, one stage of every arm a round, each arm in its own
+process (or in this one). A load from other processes or a change of clock speed then reaches
+every arm's windows alike, and the ratios between arms compare windows of the same minutes.
+As many arms share a round as the memory left after their warm-ups holds."""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import traceback
+from typing import Any, Callable, Generator
+
+log = logging.getLogger("fastmoco.bench")
+Stages = Generator[None, None, Any]
+
+
+class ArmFailed(RuntimeError):
+    """An arm's stage raised, or its process died: the arm is listed as skipped, with why."""
+
+
+def child_setup() -> None:
+    """A spawned child inherits "spawn" as its start method; its DataLoader workers should start
+    the way they would in a normal run (the platform's default, listed first)."""
+    multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
+    logging.basicConfig(level=logging.INFO,
+                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+
+
+def _reason(e: BaseException) -> str:
+    return str(e) if isinstance(e, ImportError) else f"{type(e).__name__}: {e}"
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM), 0 where /proc does not say."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def memory_available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where there is none)."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class LocalRun:
+    """An arm's stages in this process."""
+
+    peak_bytes = 0  # this process holds every arm: no per-arm figure
+
+    def __init__(self, make: Callable[..., Stages], args: tuple) -> None:
+        self.stages = make(*args)
+
+    def advance(self) -> tuple[bool, Any]:
+        """One stage: (False, None), or (True, the stages' result) after the last."""
+        try:
+            next(self.stages)
+            return False, None
+        except StopIteration as done:
+            return True, done.value
+        except Exception as e:  # noqa: BLE001 - the arm is skipped with the reason, the bench goes on
+            log.error("arm failed:\n%s", traceback.format_exc())
+            raise ArmFailed(_reason(e)) from e
+
+    def close(self) -> None:
+        self.stages.close()
+
+
+def _serve(conn, make: Callable[..., Stages], args: tuple) -> None:
+    child_setup()
+    try:
+        stages = make(*args)
+        while conn.recv() == "next":
+            try:
+                next(stages)
+                conn.send(("stage", peak_rss_bytes()))
+            except StopIteration as done:
+                conn.send(("done", done.value))
+                return
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which skips the arm
+        log.error("arm failed:\n%s", traceback.format_exc())
+        conn.send(("error", _reason(e)))
+
+
+class ProcessRun:
+    """An arm's stages in a fresh (spawned) process of its own, one stage per advance()."""
+
+    def __init__(self, make: Callable[..., Stages], args: tuple) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, make, args), daemon=True)
+        self.proc.start()
+        child.close()
+        self.peak_bytes = 0
+
+    def advance(self) -> tuple[bool, Any]:
+        try:
+            self.conn.send("next")
+            kind, value = self.conn.recv()
+        except (EOFError, OSError) as e:
+            self.proc.join(timeout=10)
+            raise ArmFailed(f"its process died (exit code {self.proc.exitcode})") from e
+        if kind == "error":
+            raise ArmFailed(value)
+        if kind == "done":
+            self.proc.join(timeout=60)
+            return True, value
+        self.peak_bytes = value
+        return False, None
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(timeout=10)
+
+
+def in_turns(arms: dict[str, tuple], make: Callable[..., Stages], isolate: bool,
+             headroom: float = 1.5) -> list[dict[str, Any]]:
+    """Run `make(*args)` of every arm in turns; one {arm: result or ArmFailed} per group.
+
+    A group starts arms (their first stage: build and warm-up) until the memory left is under
+    `headroom` × the largest arm's peak; then its stages run round by round, in reverse order
+    every other round so that a drift of the machine's pace favours no arm."""
+    pending = list(arms.items())
+    groups = []
+    while pending:
+        runs: dict[str, Any] = {}
+        out: dict[str, Any] = {}
+        while pending:
+            name, args = pending.pop(0)
+            run = (ProcessRun if isolate else LocalRun)(make, args)
+            try:
+                run.advance()
+                runs[name] = run
+            except ArmFailed as e:
+                run.close()
+                out[name] = e
+                continue
+            left = memory_available_bytes()
+            largest = max(r.peak_bytes for r in runs.values())
+            if pending and left is not None and largest and left < headroom * largest:
+                log.info("bench: %d arms in turns (%.1f GB left, %.1f GB an arm at most); the "
+                         "next arms in another group", len(runs), left / 2**30, largest / 2**30)
+                break
+        order = list(runs)
+        turn = 0
+        while runs:
+            for name in order if turn % 2 == 0 else order[::-1]:
+                if name not in runs:
+                    continue
+                try:
+                    done, value = runs[name].advance()
+                except ArmFailed as e:
+                    done, value = True, e
+                if done:
+                    runs.pop(name).close()
+                    out[name] = value
+            turn += 1
+        groups.append({name: out[name] for name in arms if name in out})
+    return groups
