@@ -17,6 +17,7 @@ from fastmoco.conv import (
     GemmGradConv2d, resolve_conv_weight_grad, use_gemm_weight_grad_, use_native_convolutions_,
     weight_grad,
 )
+from numerics import rel_err
 
 # n, c_in, c_out, h, w, kernel, stride, padding
 SHAPES = [
@@ -37,10 +38,6 @@ def gemm_everywhere(monkeypatch):
 
 def pair(v):
     return v if isinstance(v, tuple) else (v, v)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def native_grads(x, w, b, stride, padding, grad_out):

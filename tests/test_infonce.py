@@ -19,16 +19,11 @@ from fastmoco.kernels import infonce_inbatch_loss, infonce_loss
 from fastmoco.kernels.chunked import infonce_chunked, infonce_rows_chunked
 from fastmoco.kernels.launch import interpreter_active
 from fastmoco.kernels.reference import infonce_inbatch_loss_reference, infonce_loss_reference
+from numerics import rel_err
 
 INTERP = interpreter_active()
 interp = pytest.mark.skipif(not INTERP, reason="runs in the TRITON_INTERPRET=1 subprocess")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Max abs error relative to the reference's largest magnitude."""
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def make(n: int, c: int, k_rows: int, dtype=torch.float32, scale: float = 1.0, seed: int = 0):

@@ -13,6 +13,7 @@ from fastmoco import conv, winograd
 from fastmoco.config import TrainConfig, apply_overrides
 from fastmoco.conv import GemmGradConv2d, WinogradGemmConv2d, use_winograd_
 from fastmoco.winograd import WinogradConv2d, conv3x3, filters_reused, winograd_eligible
+from numerics import rel_err
 
 # n, c_in, c_out, h, w: even maps, odd and non-square ones (padded to whole tiles), 1×1 and 1×2
 SHAPES = [(4, 8, 16, 8, 8), (3, 5, 7, 7, 5), (2, 6, 4, 1, 1), (2, 3, 9, 1, 2), (1, 16, 8, 12, 10)]
@@ -22,10 +23,6 @@ SHAPES = [(4, 8, 16, 8, 8), (3, 5, 7, 7, 5), (2, 6, 4, 1, 1), (2, 3, 9, 1, 2), (
 def every_call(monkeypatch):
     """The module's Winograd path for calls of any size (by default 128 tiles and up)."""
     monkeypatch.setattr(winograd, "MIN_TILES", 1)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def inputs(shape, dtype, channels_last, bias, seed=0):

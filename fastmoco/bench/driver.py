@@ -69,7 +69,7 @@ def arm_stages(name: str, adef: ArmDef, base: TrainConfig, modes: list[str],
         row.update((yield from measure_stages(
             no_step if mode == "data" else arm.step, batches, device, cfg.schedule.batch_size,
             bench, not synthetic, ceiling=arm_ceilings.sample if synthetic else None,
-            bracket=bracket)))
+            bracket=bracket, label=f"{name} / {mode}")))
         batches.close()
         if not synthetic:
             arm_ceilings.sample()  # after the mode's windows

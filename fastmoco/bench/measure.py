@@ -3,6 +3,7 @@ hardware ceilings (torch.mm rate, copy bandwidth, the step's FLOPs) measured in 
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import resource
 import statistics
@@ -17,6 +18,7 @@ from fastmoco.config import TrainConfig, apply_overrides
 from fastmoco.device import cpu_supports_bf16
 from fastmoco.trace import PHASES as STEP_PHASES
 
+log = logging.getLogger("fastmoco.bench")
 PHASES = ("data", *STEP_PHASES)  # the table's columns
 
 
@@ -73,11 +75,12 @@ def profile_pass(step: Callable, batches: Iterator, device: torch.device,
 def measure_stages(step: Callable, batches: Iterator, device: torch.device, batch_size: int,
                    bench: BenchConfig, from_loader: bool,
                    ceiling: Callable[[], dict[str, float]] | None = None,
-                   bracket: bool = False) -> Generator[None, None, dict[str, Any]]:
+                   bracket: bool = False, label: str = "") -> Generator[None, None, dict[str, Any]]:
     """`measure`, pausing (yield) after the warm-up and after each window, so that windows of
     several arms can run in turns. `ceiling` is sampled before the first window and after each
     one; with `bracket` also just before each window (another arm's window ran since the last
-    sample). `window_ceilings`: the [before, after] samples of each window."""
+    sample). `window_ceilings`: the [before, after] samples of each window. `label`: logs each
+    window's images/s under that name."""
     warmup_s = _window(step, batches, device, bench.warmup)
     drained = drain(batches) if from_loader else 0
     steps = bench.steps_per_window if step is not no_step else bench.data_steps_per_window
@@ -87,6 +90,9 @@ def measure_stages(step: Callable, batches: Iterator, device: torch.device, batc
     for _ in range(bench.windows):
         before = ceiling() if ceiling and bracket else last
         rates.append(steps * batch_size / _window(step, batches, device, steps))
+        if label:
+            log.info("bench %s: window %d of %d, %.1f images/s", label, len(rates), bench.windows,
+                     rates[-1])
         if ceiling:
             last = ceiling()
             pairs.append([before, last])
