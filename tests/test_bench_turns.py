@@ -47,9 +47,17 @@ def test_a_failing_arm_is_skipped_with_its_reason_and_the_others_finish():
     assert [s for n, s in log if n == "a"] == [0, 1, 2]
 
 
+def test_an_arm_whose_stages_end_before_its_windows_is_skipped():
+    log: list = []
+    (group,) = turns.in_turns({"a": ("a", 3, log), "short": ("short", 0, log)}, logged_stages,
+                              isolate=False)
+    assert group["a"] == "a done"
+    assert "ended before its first timed window" in str(group["short"])
+
+
 def test_groups_close_when_the_memory_left_would_not_hold_another_arm(monkeypatch):
     log: list = []
-    monkeypatch.setattr(turns.LocalRun, "peak_bytes", 2 * 2**30)
+    monkeypatch.setattr(turns.LocalRun, "peak", {"host": 2 * 2**30, "device": 0})
     monkeypatch.setattr(turns, "memory_available_bytes", lambda: 5 * 2**30)  # room for two more
     arms = {n: (n, 3, log) for n in "abc"}
     assert [list(g) for g in turns.in_turns(arms, logged_stages, isolate=False)] == [["a", "b", "c"]]
@@ -61,8 +69,8 @@ def test_groups_close_when_the_memory_left_would_not_hold_another_arm(monkeypatc
 
 
 def test_ratios_in_turns_are_the_median_of_the_per_round_ratios():
-    """A machine that slows between rounds: per-round ratios see 2× in every round; the ratio of
-    the medians would mix rounds. Rows of different groups fall back to the medians."""
+    """A machine whose pace moves between rounds: the per-round ratios are 2, 1 and 2 (median
+    2), the ratio of the medians 10 / 10 = 1. Rows of different groups fall back to that."""
     ref = {"arm": "reference", "mode": "model", "img_s": 10.0, "windows": [20.0, 10.0, 5.0],
            "in_turns": 0}
     fast = {"arm": "fastmoco", "mode": "model", "img_s": 10.0, "windows": [40.0, 10.0, 10.0],
@@ -72,6 +80,9 @@ def test_ratios_in_turns_are_the_median_of_the_per_round_ratios():
     case = {"rows": [ref, fast], "batch": 4}
     add_ratios(case, {})
     assert fast["x_reference"] == pytest.approx(2.0) and ref["x_reference"] == pytest.approx(1.0)
+    fast["in_turns"] = 1
+    add_ratios(case, {})
+    assert fast["x_reference"] == pytest.approx(1.0)
 
 
 def test_bracketed_windows_sample_the_ceiling_just_before_and_after_each():
@@ -110,3 +121,22 @@ def test_a_case_in_turns_in_spawned_processes_with_a_broken_arm():
         assert len(r["window_ceilings"]) == 2 and r["peak_mem_mb"] > 0
     assert rows["fastmoco"]["x_reference"] == pytest.approx(
         speed_ratio(rows["fastmoco"], rows["reference"]))
+
+
+def test_an_arm_that_fails_in_turns_is_not_built_again_for_its_other_modes(tiny_cifar):
+    cfg = apply_overrides(tiny_config(), [f"data.root={tiny_cifar}", "data.name=cifar10",
+                                          "run.precision=fp32"])
+    bench = BenchConfig(arms=["fastmoco", "broken"], modes=["model", "full"], warmup=1, windows=1,
+                        steps_per_window=1, profile_steps=0, isolate=False,
+                        ceilings=CeilingConfig(enabled=False),
+                        arm_defs={"fastmoco": ArmDef(modes=["model"]),
+                                  "broken": ArmDef(overrides=["backbone.name=no_such_net"])})
+    saved = []
+    case = run_case("c", cfg, CaseDef(), bench, torch.device("cpu"), {},
+                    on_arm=lambda c: saved.append([r["arm"] + "/" + r["mode"] for r in c["rows"]]))
+    rows = [(r["arm"], r["mode"], "skipped" in r) for r in case["rows"]]
+    assert rows == [("fastmoco", "model", False), ("broken", "model", True),
+                    ("broken", "full", True)]
+    assert case["rows"][1]["skipped"] == case["rows"][2]["skipped"]
+    assert case["turn_groups"] == [["fastmoco"]]
+    assert saved[0] == ["fastmoco/model", "broken/model"]  # saved as the group ended

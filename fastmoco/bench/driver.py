@@ -160,36 +160,48 @@ def run_case(cname: str, cfg: TrainConfig, cdef: CaseDef, bench: BenchConfig,
         on_arm(case)
 
     turns = [n for n, (_, m) in timed.items() if "model" in m] if bench.in_turns else []
+    failed: dict[str, str] = {}
     if len(turns) > 1:  # the model mode of every arm, in turns
-        args = {n: (n, timed[n][0], cfg, ["model"], device, None, total, bench, {}, True)
-                for n in turns}
-        log.info("bench: model mode of %s in turns", ", ".join(turns))
-        groups = in_turns(args, arm_stages, bench.isolate)
-        case["turn_groups"] = [list(g) for g in groups]
-        for number, group in enumerate(groups):
+        case["turn_groups"] = []
+
+        def group_ended(group: dict[str, Any]) -> None:
+            number = len(case["turn_groups"])
+            case["turn_groups"].append([n for n, got in group.items()
+                                        if not isinstance(got, ArmFailed)])
             for name, got in group.items():
                 if isinstance(got, ArmFailed):
                     log.warning("arm %s skipped: %s", name, got)
-                    by_arm[name] += _skipped(name, ["model"], str(got))
+                    failed[name] = str(got)
+                    by_arm[name] += _skipped(name, ["model"], failed[name])
                 else:
                     by_arm[name] += [r | {"in_turns": number} for r in got]
-        landed()
+            landed()
+
+        args = {n: (n, timed[n][0], cfg, ["model"], device, None, total, bench, {}, True)
+                for n in turns}
+        log.info("bench: model mode of %s in turns", ", ".join(turns))
+        in_turns(args, arm_stages, bench.isolate, group_ended)
     for name, (adef, arm_modes) in timed.items():
         rest = [m for m in arm_modes if not (m == "model" and len(turns) > 1)]
         if not rest:
             continue
-        try:
-            args = (name, adef, cfg, rest, device, files, total, bench, data_cache)
-            rows, fresh = run_isolated(*args) if bench.isolate else (run_arm(*args), data_cache)
-            by_arm[name] = _by_mode(by_arm[name] + rows, arm_modes)
-            data_cache.update(fresh)
-        except ImportError as e:
-            log.warning("arm %s skipped: %s", name, e)
-            by_arm[name] = _by_mode(by_arm[name] + _skipped(name, rest, str(e)), arm_modes)
-        except concurrent.futures.process.BrokenProcessPool as e:  # killed (out of memory, say)
-            log.error("arm %s: its process died (%s); the other arms go on", name, e)
-            by_arm[name] = _by_mode(by_arm[name] + _skipped(name, rest, f"process died: {e}"),
-                                    arm_modes)
+        if name in failed:  # its build failed in turns: the other modes would fail the same way
+            rows = _skipped(name, rest, failed[name])
+        else:
+            try:
+                args = (name, adef, cfg, rest, device, files, total, bench, data_cache)
+                rows, fresh = run_isolated(*args) if bench.isolate else (run_arm(*args), data_cache)
+                data_cache.update(fresh)
+            except ImportError as e:
+                log.warning("arm %s skipped: %s", name, e)
+                rows = _skipped(name, rest, str(e))
+            except concurrent.futures.process.BrokenProcessPool as e:  # killed (out of memory, say)
+                log.error("arm %s: its process died (%s); the other arms go on", name, e)
+                rows = _skipped(name, rest, f"process died: {e}")
+            except Exception as e:  # noqa: BLE001 - one arm's failure is its row, not the bench's end
+                log.exception("arm %s failed; the other arms go on", name)
+                rows = _skipped(name, rest, f"{type(e).__name__}: {e}")
+        by_arm[name] = _by_mode(by_arm[name] + rows, arm_modes)
         landed()
     if not timed:
         landed()
