@@ -254,29 +254,43 @@ MIN_CHANNELS = 256
 # that many rows. ResNet-50's layer4 in sub-batches of 4 (7×7 maps: 64 tiles) ran 0.74× oneDNN,
 # ResNet-18's layer4 in sub-batches of 32 (4×4 maps: 128 tiles) 1.19×.
 MIN_TILES = 128
+# A call with more tiles runs in chunks of whole images of at most this many tiles: the
+# transformed input and output of a chunk (16 × tiles × channels each) then stay in cache. A
+# whole batch of 256 at once (MoCo v3, BYOL, SimSiam: no split BN) ran ResNet-18's layer3 at
+# 0.83× oneDNN and the v3 step at 0.72× the framework's convolutions; in chunks of 512 tiles
+# layer3 ran 1.33× and layer4 1.58× (benchmarks/RESULTS.md).
+MAX_TILES = 512
 
 
 class WinogradConv2d(nn.Conv2d):
     """nn.Conv2d (3×3, stride 1, padding 1) computed by F(2×2, 3×3) in fp32/fp64 outside
-    autocast and torch.compile, for inputs of at least MIN_TILES tiles; otherwise exactly
-    nn.Conv2d. Same parameters, same state dict."""
+    autocast and torch.compile, for inputs of at least MIN_TILES tiles (in chunks of at most
+    MAX_TILES); otherwise exactly nn.Conv2d. Same parameters, same state dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (same_3x3(self) and x.dtype == self.weight.dtype
                 and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
                 and not torch.is_autocast_enabled(x.device.type)
                 and not torch.compiler.is_compiling()  # compiled: the compiler's own choice
-                and x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2) >= MIN_TILES):
+                and x.shape[0] * tiles_per_image(x) >= MIN_TILES):
             return super().forward(x)
         shared = _shared.get()
-        u = None
         if shared is not None:
             key = (id(self), torch.is_grad_enabled())
             if key not in shared:
                 shared[key] = transformed_filter(self.weight)
             u = shared[key]
-        y = conv3x3(x, self.weight, self.bias, u=u)
+        else:
+            u = transformed_filter(self.weight)  # once for all the chunks
+        images = max(1, MAX_TILES // tiles_per_image(x))
+        y = torch.cat([conv3x3(part, self.weight, self.bias, u=u) for part in x.split(images)]) \
+            if x.shape[0] > images else conv3x3(x, self.weight, self.bias, u=u)
         return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
+
+
+def tiles_per_image(x: torch.Tensor) -> int:
+    """2×2 output tiles of one image of x (N, C, H, W): ⌈H/2⌉ × ⌈W/2⌉."""
+    return ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2)
 
 
 def same_3x3(conv: nn.Conv2d) -> bool:

@@ -292,3 +292,34 @@ def test_calls_with_few_tiles_run_the_framework_convolution(monkeypatch):
     assert not used
     ours(torch.randn(8, 4, 7, 7))  # 128 tiles
     assert used
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_large_calls_run_in_chunks_of_whole_images(monkeypatch, channels_last):
+    """Above MAX_TILES a call runs in chunks of whole images (one filter transform for all):
+    values and gradients as the direct convolution, the output in the input's layout."""
+    monkeypatch.setattr(winograd, "MIN_TILES", 1)
+    monkeypatch.setattr(winograd, "MAX_TILES", 2 * 9)  # 5×5 maps: 9 tiles an image, 2 a chunk
+    calls, transforms = [], []
+    real, real_u = winograd.conv3x3, winograd.filter_transform
+    monkeypatch.setattr(winograd, "conv3x3", lambda x, *a, **k: calls.append(len(x)) or real(x, *a, **k))
+    monkeypatch.setattr(winograd, "filter_transform", lambda w: transforms.append(1) or real_u(w))
+    torch.manual_seed(0)
+    ref = nn.Conv2d(3, 4, 3, padding=1).double()
+    ours = WinogradConv2d(3, 4, 3, padding=1).double()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 3, 5, 5, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_ref = ours(x_ours), ref(x_ref)
+    assert calls == [2, 2, 1] and len(transforms) == 1
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last
+                           else torch.contiguous_format)
+    assert rel_err(y, y_ref) < 1e-12
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    assert rel_err(x_ours.grad, x_ref.grad) < 1e-12
+    assert rel_err(ours.weight.grad, ref.weight.grad) < 1e-12
+    assert rel_err(ours.bias.grad, ref.bias.grad) < 1e-12
