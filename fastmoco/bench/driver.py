@@ -160,8 +160,9 @@ def run_case(cname: str, cfg: TrainConfig, cdef: CaseDef, bench: BenchConfig,
         on_arm(case)
 
     turns = [n for n, (_, m) in timed.items() if "model" in m] if bench.in_turns else []
+    turns = turns if len(turns) > 1 else []  # one arm alone runs as it always did
     failed: dict[str, str] = {}
-    if len(turns) > 1:  # the model mode of every arm, in turns
+    if turns:  # the model mode of every arm, in turns
         case["turn_groups"] = []
 
         def group_ended(group: dict[str, Any]) -> None:
@@ -182,7 +183,7 @@ def run_case(cname: str, cfg: TrainConfig, cdef: CaseDef, bench: BenchConfig,
         log.info("bench: model mode of %s in turns", ", ".join(turns))
         in_turns(args, arm_stages, bench.isolate, group_ended)
     for name, (adef, arm_modes) in timed.items():
-        rest = [m for m in arm_modes if not (m == "model" and len(turns) > 1)]
+        rest = [m for m in arm_modes if not (m == "model" and name in turns)]
         if not rest:
             continue
         if name in failed:  # its build failed in turns: the other modes would fail the same way

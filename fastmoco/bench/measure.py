@@ -123,6 +123,28 @@ def measure(step: Callable, batches: Iterator, device: torch.device, batch_size:
     return finish(measure_stages(step, batches, device, batch_size, bench, from_loader, ceiling))
 
 
+def proc_kib(path: str, key: str) -> int | None:
+    """The kB figure of `key:` in a /proc file (None where there is no such file or line)."""
+    try:
+        for line in open(path):
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM), 0 where /proc does not say."""
+    return 1024 * (proc_kib("/proc/self/status", "VmHWM") or 0)
+
+
+def memory_available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where there is none)."""
+    kib = proc_kib("/proc/meminfo", "MemAvailable")
+    return None if kib is None else 1024 * kib
+
+
 class PeakMemory:
     """CUDA: max_memory_allocated. CPU: peak RSS growth of this process (VmHWM after resetting
     it through /proc/self/clear_refs; DataLoader worker processes are not counted)."""
@@ -138,10 +160,10 @@ class PeakMemory:
 
     @staticmethod
     def _status_kb(key: str) -> float:
-        for line in open("/proc/self/status"):
-            if line.startswith(key + ":"):
-                return float(line.split()[1])
-        raise KeyError(key)
+        kib = proc_kib("/proc/self/status", key)
+        if kib is None:
+            raise KeyError(key)
+        return float(kib)
 
     @staticmethod
     def _can_reset() -> bool:

@@ -10,6 +10,8 @@ import multiprocessing
 import traceback
 from typing import Any, Callable, Generator
 
+from fastmoco.bench.measure import memory_available_bytes, peak_rss_bytes
+
 log = logging.getLogger("fastmoco.bench")
 Stages = Generator[None, None, Any]
 
@@ -28,28 +30,6 @@ def child_setup() -> None:
 
 def _reason(e: BaseException) -> str:
     return str(e) if isinstance(e, ImportError) else f"{type(e).__name__}: {e}"
-
-
-def _proc_kib(path: str, key: str) -> int | None:
-    """The kB figure of `key:` in a /proc file (None where there is no such file or line)."""
-    try:
-        for line in open(path):
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory (VmHWM), 0 where /proc does not say."""
-    return 1024 * (_proc_kib("/proc/self/status", "VmHWM") or 0)
-
-
-def memory_available_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo (None where there is none)."""
-    kib = _proc_kib("/proc/meminfo", "MemAvailable")
-    return None if kib is None else 1024 * kib
 
 
 class LocalRun:
