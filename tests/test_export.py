@@ -234,6 +234,23 @@ def test_timm_export_of_a_cifar_stem_resnet(cifar, tmp_path):
     assert_same_features(ref, moco.backbone, 32)
 
 
+
+def test_timm_export_of_a_narrow_cifar_stem_loads_with_its_width(tmp_path):
+    """The CPU demo's network: a CIFAR stem as narrow as its first stage (stem_width)."""
+    kwargs = {**NARROW, "stem_width": 8}
+    moco = make_run(tmp_path / "run", "resnet18", cifar_stem=True, kwargs=kwargs, image_size=32,
+                    recipe="cifar")
+    out = tmp_path / "narrow-timm"
+    ex.export(tmp_path / "run", "timm", out)
+    assert json.loads((out / "config.json").read_text())["model_args"] == kwargs
+    model, info = load_backbone(out)
+    assert model.conv1.out_channels == 8 and model.layer1[0].downsample is None
+    assert_same_features(model, moco.backbone, 32)
+    plain = timm.create_model("resnet18", num_classes=0, **kwargs)  # as docs/export.md says
+    apply_cifar_stem(plain, 8)
+    plain.load_state_dict(load_file(out / "model.safetensors"), strict=True)
+    assert_same_features(plain, moco.backbone, 32)
+
 # ------------------------------------------------------------------------------- torchvision
 
 

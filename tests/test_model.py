@@ -10,6 +10,7 @@ from torch import nn
 
 from fastmoco import MoCo
 from fastmoco.kernels import flat_layout
+from fastmoco.backbone import create_backbone
 from fastmoco.batchnorm import (
     SplitBatchNorm2d, convert_split_bn_, forward_in_splits, split_norms,
 )
@@ -237,6 +238,36 @@ def test_symmetric_and_v3_steps(version):
     if version == "v3":
         assert model.queue is None and model.predictor is not None
         assert model.predictor[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("name, width, shortcut", [("resnet18", 16, False), ("resnet18", 8, True),
+                                                 ("resnet50", 32, True)])
+def test_cifar_stem_width_narrows_the_stem_and_the_first_block(name, width, shortcut):
+    """stem_width (which timm's single-conv stem ignores) sets the CIFAR stem's width; the first
+    block takes it in, with an identity shortcut where input and output widths match."""
+    channels = [16, 32, 64, 128]
+    torch.manual_seed(0)
+    wide = create_backbone(name, cifar_stem=True, channels=channels)
+    narrow = create_backbone(name, cifar_stem=True, channels=channels, stem_width=width)
+    assert (narrow.conv1.out_channels, narrow.bn1.num_features) == (width, width)
+    block = narrow.layer1[0]
+    assert block.conv1.in_channels == width
+    assert (block.downsample is not None) == shortcut
+    if shortcut:
+        assert block.downsample[0].in_channels == width
+    # only the stem and the first block's inputs changed
+    ours, timms = narrow.state_dict(), wide.state_dict()
+    changed = {k for k, v in timms.items() if k in ours and ours[k].shape != v.shape}
+    changed |= set(ours) ^ set(timms)  # a shortcut projection dropped or added
+    assert changed and all(k.startswith(("conv1", "bn1", "layer1.0.")) for k in changed)
+    x = torch.randn(4, 3, 32, 32)
+    narrow(x).square().sum().backward()
+    assert all(p.grad is not None for p in narrow.parameters())
+    assert narrow.conv1.weight.grad.abs().sum() > 0  # (timm zero-inits each block's last BN)
+    # the default width is timm's: the same network as without the setting
+    same = create_backbone(name, cifar_stem=True, channels=channels, stem_width=64)
+    assert {k: v.shape for k, v in same.state_dict().items()} == \
+        {k: v.shape for k, v in wide.state_dict().items()}
 
 
 def test_unknown_backbone_names_the_fix():
