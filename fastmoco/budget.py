@@ -13,12 +13,13 @@ from fastmoco.progress import Progress
 
 
 class TimeBudget:
-    """After a short calibration, fix the number of steps, then re-plan twice on the pace so far
-    (epoch ends, checkpoints and a machine that slows down are not in the first steps); rank 0
-    decides for every process. A budget never adds steps beyond the schedule's own."""
+    """After a short calibration, fix the number of steps, then re-plan on the pace since the last
+    plan (epoch ends, checkpoints and a machine that slows down are not in the first steps; a
+    shared machine's pace moves by 20-30 % within minutes, so the last re-plans come late);
+    rank 0 decides for every process. A budget never adds steps beyond the schedule's own."""
 
     CALIBRATE = (3, 13)  # measure the step time over these steps (after the warm-up steps)
-    REPLAN = (0.1, 0.5)  # fractions of the first plan at which to re-plan
+    REPLAN = (0.1, 0.5, 0.75, 0.9)  # fractions of the first plan at which to re-plan
 
     def __init__(self, seconds: float, start_step: int, device: torch.device) -> None:
         self.seconds, self.start, self.device = seconds, start_step, device

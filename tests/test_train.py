@@ -144,8 +144,8 @@ def test_experiment_presets_compose():
 
 
 def test_time_budget_replans_on_the_pace_so_far(monkeypatch):
-    """1 s steps for 100 s of budget plan ~100 steps; when steps slow to 2 s, the re-plans at
-    10 % and 50 % of the plan cut the run so that it still ends within the budget."""
+    """1 s steps for 100 s of budget plan ~100 steps; when steps slow to 2 s, the re-plans (at
+    10, 50, 75 and 90 % of the plan) cut the run so that it still ends within the budget."""
     from fastmoco import budget as budget_mod
 
     clock = {"t": 0.0}
@@ -163,6 +163,15 @@ def test_time_budget_replans_on_the_pace_so_far(monkeypatch):
     # 10 % of 100 falls before the calibration ends: that re-plan comes right after it.
     assert [s for s, _ in decisions] == [13, 14, 50], decisions
     assert clock["t"] <= 100.0 * 1.03, (clock["t"], decisions)  # without re-plans: 180 s
+    # A machine that slows down late (after the half-way re-plan) is caught by the later ones.
+    clock["t"], step, total = 0.0, 0, 10_000
+    late = budget_mod.TimeBudget(100.0, start_step=0, device=torch.device("cpu"))
+    while step < total:
+        clock["t"] += 1.0 if step < 60 else 2.0
+        step += 1
+        if late.decide(step, total):
+            total = late.total_steps
+    assert clock["t"] <= 100.0 * 1.03, clock["t"]  # re-planning at 10 % and 50 % only: 140 s
     # A budget never adds steps beyond the schedule's own.
     clock["t"] = 0.0
     short = budget_mod.TimeBudget(100.0, start_step=0, device=torch.device("cpu"))
