@@ -16,8 +16,9 @@ def create_backbone(name: str, *, cifar_stem: bool = False, pos_embed: str = "le
                     freeze_patch_embed: bool = False, **kwargs: Any) -> nn.Module:
     """A timm model without classifier (its forward returns pooled features of `num_features`).
 
-    `cifar_stem` swaps a ResNet's 7×7/2 conv + max-pool for a 3×3/1 conv, as in the MoCo CIFAR demo;
-    `stem_width` (timm's argument, which its single-conv stem ignores) then sets that conv's width.
+    `cifar_stem` swaps a ResNet's 7×7/2 conv + max-pool for a 3×3/1 conv, as in the MoCo CIFAR demo.
+    `stem_width`, timm's argument, which its single-conv ResNet stem ignores, sets that stem's
+    width here (either stem); timm's deep stems take it themselves.
     `pos_embed="sincos"` and `freeze_patch_embed` make a ViT as MoCo v3 trains it.
     """
     if not timm.is_model(name):
@@ -27,8 +28,15 @@ def create_backbone(name: str, *, cifar_stem: bool = False, pos_embed: str = "le
             f"e.g. {', '.join(close) or 'resnet18, resnet50, vit_small_patch16_224'}"
         )
     model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    width = kwargs.get("stem_width")
     if cifar_stem:
-        apply_cifar_stem(model, kwargs.get("stem_width"))
+        apply_cifar_stem(model, width)
+    elif width and isinstance(getattr(model, "conv1", None), nn.Conv2d) and \
+            model.conv1.out_channels != width:
+        conv1 = model.conv1
+        model.conv1 = _timm_init(nn.Conv2d(conv1.in_channels, width, conv1.kernel_size,
+                                           conv1.stride, conv1.padding, bias=False))
+        _narrow_stem(model, width)
     adapt_vit_(model, pos_embed=pos_embed, freeze_patch_embed=freeze_patch_embed)
     return model
 

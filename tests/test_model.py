@@ -270,6 +270,17 @@ def test_cifar_stem_width_narrows_the_stem_and_the_first_block(name, width, shor
         {k: v.shape for k, v in wide.state_dict().items()}
 
 
+def test_stem_width_narrows_timms_own_stem_too():
+    """Without the CIFAR stem, stem_width narrows timm's 7×7/2 stem (which timm leaves at 64)."""
+    model = create_backbone("resnet18", channels=[16, 32, 64, 128], stem_width=16)
+    assert (model.conv1.out_channels, model.conv1.kernel_size, model.conv1.stride) == \
+        (16, (7, 7), (2, 2))
+    assert model.layer1[0].downsample is None
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 128)
+    deep = create_backbone("resnet18d", stem_width=16)  # a deep stem: timm's own widths
+    assert deep.conv1[0].out_channels == 16
+
+
 def test_unknown_backbone_names_the_fix():
     with pytest.raises(ValueError, match="unknown timm backbone 'resnet19'.*timm.list_models"):
         MoCo("resnet19")
