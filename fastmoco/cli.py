@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from fastmoco.config import EvalConfig, from_hydra
-from fastmoco.distributed import is_main_process
+from fastmoco.distributed import is_main_process, shutdown
 
 USAGE = """usage: fastmoco {train,bench,eval linear,eval knn,export} [overrides ...]
 
@@ -35,6 +35,7 @@ def train_main(cfg: DictConfig) -> None:
     summary = train(from_hydra(cfg))
     if is_main_process():
         print_summary(summary)
+    shutdown()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
@@ -44,6 +45,7 @@ def eval_linear_main(cfg: DictConfig) -> None:
     summary = linear(from_hydra(cfg, EvalConfig))
     if is_main_process():
         print_eval(summary)
+    shutdown()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
@@ -54,6 +56,7 @@ def eval_knn_main(cfg: DictConfig) -> None:
     if is_main_process():
         print(f"kNN top-1 (k={summary['k']}) of {summary['backbone']} from {summary['source']}: "
               f"{summary['knn_top1']:.2f}%")
+    shutdown()
 
 
 def _stopped(summary: dict) -> bool:

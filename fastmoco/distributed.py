@@ -37,6 +37,15 @@ def init_from_env(device_type: str) -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def shutdown() -> None:
+    """Leave the process group once every process is done (rank 0 writes the last checkpoint
+    after the others finish their steps): a gloo group left to the interpreter's exit aborted a
+    2-process CPU run at its end ("terminate called without an active exception")."""
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _export_submitit_env() -> None:
     """In a SLURM task started by submitit (hydra/launcher=submitit_slurm, one task per GPU), set
     RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from SLURM's variables."""
