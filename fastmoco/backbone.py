@@ -33,9 +33,7 @@ def create_backbone(name: str, *, cifar_stem: bool = False, pos_embed: str = "le
         apply_cifar_stem(model, width)
     elif width and isinstance(getattr(model, "conv1", None), nn.Conv2d) and \
             model.conv1.out_channels != width:
-        conv1 = model.conv1
-        model.conv1 = _timm_init(nn.Conv2d(conv1.in_channels, width, conv1.kernel_size,
-                                           conv1.stride, conv1.padding, bias=False))
+        model.conv1 = _rewidth(model.conv1, out_channels=width)
         _narrow_stem(model, width)
     adapt_vit_(model, pos_embed=pos_embed, freeze_patch_embed=freeze_patch_embed)
     return model
@@ -66,24 +64,29 @@ def _narrow_stem(model: nn.Module, width: int) -> None:
     bn1, block = getattr(model, "bn1", None), getattr(model, "layer1", [None])[0]
     first = getattr(block, "conv1", None)
     if not isinstance(bn1, nn.BatchNorm2d) or not isinstance(first, nn.Conv2d):
-        raise ValueError(f"backbone.kwargs.stem_width={width} with cifar_stem=true needs a timm "
-                         f"ResNet (bn1 and layer1[0].conv1); {type(model).__name__} is not one: "
-                         f"leave stem_width out")
+        raise ValueError(f"backbone.kwargs.stem_width={width} needs a timm ResNet (bn1 and "
+                         f"layer1[0].conv1); {type(model).__name__} is not one: leave stem_width "
+                         f"out")
     model.bn1 = type(bn1)(width, eps=bn1.eps, momentum=bn1.momentum)
-    block.conv1 = _timm_init(nn.Conv2d(width, first.out_channels, first.kernel_size, first.stride,
-                                       first.padding, bias=first.bias is not None))
+    block.conv1 = _rewidth(first, in_channels=width)
     down = block.downsample
     out = block.conv3.out_channels if hasattr(block, "conv3") else block.conv2.out_channels
     if width == out and first.stride == (1, 1):
         block.downsample = None
     elif down is not None:
-        conv = down[0]
-        down[0] = _timm_init(nn.Conv2d(width, conv.out_channels, conv.kernel_size, conv.stride,
-                                       bias=False))
+        down[0] = _rewidth(down[0], in_channels=width)
     else:  # timm gave the block an identity shortcut (64 in, 64 out): a projection, as timm's
         block.downsample = nn.Sequential(
             _timm_init(nn.Conv2d(width, out, 1, first.stride, bias=False)),
             type(bn1)(out, eps=bn1.eps, momentum=bn1.momentum))
+
+
+def _rewidth(conv: nn.Conv2d, *, in_channels: int | None = None,
+             out_channels: int | None = None) -> nn.Conv2d:
+    """`conv` with other input or output channels, its geometry kept, timm-initialised."""
+    return _timm_init(nn.Conv2d(in_channels or conv.in_channels, out_channels or conv.out_channels,
+                                conv.kernel_size, conv.stride, conv.padding,
+                                bias=conv.bias is not None))
 
 
 def _timm_init(conv: nn.Conv2d) -> nn.Conv2d:
