@@ -25,6 +25,23 @@ def every_call(monkeypatch):
     monkeypatch.setattr(winograd, "MIN_TILES", 1)
 
 
+@pytest.fixture
+def filter_transforms(monkeypatch):
+    """A list that grows by one at each filter transform (winograd.filter_transform)."""
+    transforms = []
+    real = winograd.filter_transform
+    monkeypatch.setattr(winograd, "filter_transform", lambda w: transforms.append(1) or real(w))
+    return transforms
+
+
+def conv_pair(c_in, c_out):
+    """(nn.Conv2d, WinogradConv2d) 3×3 padding 1 in float64, with the same weights."""
+    ref = nn.Conv2d(c_in, c_out, 3, padding=1).double()
+    ours = WinogradConv2d(c_in, c_out, 3, padding=1).double()
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
 def inputs(shape, dtype, channels_last, bias, seed=0):
     n, c_in, c_out, h, w = shape
     g = torch.Generator().manual_seed(seed)
@@ -81,16 +98,12 @@ def test_no_grad_forward_equals_conv2d():
         assert rel_err(conv3x3(x, weight, b), F.conv2d(x, weight, b, padding=1)) < 1e-12
 
 
-def test_filters_shared_over_sub_batches(monkeypatch, every_call):
+def test_filters_shared_over_sub_batches(every_call, filter_transforms):
     """Inside `filters_reused` each module transforms its filter once per grad mode; the summed
     dU of the sub-batches flows back once and equals the direct convolution's weight gradient."""
-    calls = []
-    real = winograd.filter_transform
-    monkeypatch.setattr(winograd, "filter_transform", lambda w: calls.append(1) or real(w))
+    calls = filter_transforms
     torch.manual_seed(0)
-    ref = nn.Conv2d(6, 10, 3, padding=1).double()
-    ours = WinogradConv2d(6, 10, 3, padding=1).double()
-    ours.load_state_dict(ref.state_dict())
+    ref, ours = conv_pair(6, 10)
     x = torch.randn(8, 6, 6, 6, dtype=torch.float64)
     y_ref = torch.cat([ref(chunk) for chunk in x.chunk(4)])
     with filters_reused():
@@ -229,16 +242,15 @@ def test_auto_rule_and_setting(monkeypatch):
 
 
 @pytest.mark.parametrize("weight_grad", ["native", "gemm"])
-def test_build_model_matches_direct_convolutions(monkeypatch, every_call, tiny_moco, weight_grad):
+def test_build_model_matches_direct_convolutions(monkeypatch, every_call, tiny_moco, weight_grad,
+                                                filter_transforms):
     """Through the one build path (both encoders swapped, each split-BN block transforming each
     filter once; with `gemm`, AVX2's default pair): the MoCo loss and every query gradient
     equal the direct convolutions' in float64."""
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
     monkeypatch.setattr(conv, "MIN_IN_CHANNELS", 1)
     monkeypatch.setattr(conv, "MAX_OUTPUT_PIXELS", 10**9)
-    transforms = []
-    real = winograd.filter_transform
-    monkeypatch.setattr(winograd, "filter_transform", lambda w: transforms.append(1) or real(w))
+    transforms = filter_transforms
 
     ours = tiny_moco(f"run.conv_weight_grad={weight_grad}", "run.conv_winograd=on")
     direct = tiny_moco(f"run.conv_weight_grad={weight_grad}", "run.conv_winograd=off")
@@ -295,19 +307,16 @@ def test_calls_with_few_tiles_run_the_framework_convolution(monkeypatch):
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_large_calls_run_in_chunks_of_whole_images(monkeypatch, channels_last):
+def test_large_calls_run_in_chunks_of_whole_images(monkeypatch, channels_last, filter_transforms):
     """Above MAX_TILES a call runs in chunks of whole images (one filter transform for all):
     values and gradients as the direct convolution, the output in the input's layout."""
     monkeypatch.setattr(winograd, "MIN_TILES", 1)
     monkeypatch.setattr(winograd, "MAX_TILES", 2 * 9)  # 5×5 maps: 9 tiles an image, 2 a chunk
-    calls, transforms = [], []
-    real, real_u = winograd.conv3x3, winograd.filter_transform
+    calls, transforms = [], filter_transforms
+    real = winograd.conv3x3
     monkeypatch.setattr(winograd, "conv3x3", lambda x, *a, **k: calls.append(len(x)) or real(x, *a, **k))
-    monkeypatch.setattr(winograd, "filter_transform", lambda w: transforms.append(1) or real_u(w))
     torch.manual_seed(0)
-    ref = nn.Conv2d(3, 4, 3, padding=1).double()
-    ours = WinogradConv2d(3, 4, 3, padding=1).double()
-    ours.load_state_dict(ref.state_dict())
+    ref, ours = conv_pair(3, 4)
     x = torch.randn(5, 3, 5, 5, dtype=torch.float64)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
