@@ -122,7 +122,7 @@ class Siamese(nn.Module):
         """The online encoder's backbone: what is kept after pretraining."""
         return self.query_encoder[0]
 
-    def _apply(self, fn, recurse: bool = True):  # every .to(), .cuda(), .double(), ...
+    def _apply(self, fn, recurse: bool = True):  # every module move: .to(device), .double(), ...
         super()._apply(fn, recurse)
         self._place()
         return self
