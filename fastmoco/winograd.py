@@ -98,11 +98,16 @@ def zero_padded_nhwc(x: torch.Tensor, top: int, bottom: int, left: int, right: i
     return xp
 
 
+def tile_grid(h: int, w: int) -> tuple[int, int]:
+    """Rows and columns of 2×2 output tiles over an H×W map (an odd size's last tile is cut)."""
+    return (h + 1) // 2, (w + 1) // 2
+
+
 def input_transform(x: torch.Tensor) -> torch.Tensor:
     """V = Bᵀ d B for every 4×4 tile (stride 2) of x zero-padded by 1 (and to even sizes):
     (16, N·tiles, C_in) from an (N, C_in, H, W) input."""
     n, c, h, w = x.shape
-    th, tw = (h + 1) // 2, (w + 1) // 2
+    th, tw = tile_grid(h, w)
     # the padding of 1, and the rows/columns that complete an odd size's tiles
     xp = zero_padded_nhwc(x, 1, 2 * th + 1 - h, 1, 2 * tw + 1 - w)
     rows = x.new_empty(4, n, th, 2 * tw + 2, c)
@@ -116,7 +121,7 @@ def input_transform(x: torch.Tensor) -> torch.Tensor:
 def input_adjoint(grad_v: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """dL/dx (channels-last) from dL/dV, the adjoint of `input_transform` for input `shape`."""
     n, c, h, w = shape
-    th, tw = (h + 1) // 2, (w + 1) // 2
+    th, tw = tile_grid(h, w)
     dv = grad_v.view(4, 4, n, th, tw, c)
     rows = grad_v.new_zeros(4, n, th, 2 * tw + 2, c)
     for i in range(4):
@@ -135,7 +140,7 @@ def output_transform(m: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
     """Y = Aᵀ M A for every tile: (N, C_out, H, W), channels-last, from M (16, N·tiles, C_out).
     One GEMM with the 4×16 matrix Aᵀ⊗Aᵀ (a single pass over M), then the 2×2 outputs of each
     tile interleaved into the map."""
-    th, tw = (h + 1) // 2, (w + 1) // 2
+    th, tw = tile_grid(h, w)
     c = m.shape[-1]
     tiles = (_output_matrix(m) @ m.view(16, -1)).view(2, 2, n, th, tw, c)
     y = m.new_empty(n, th, 2, tw, 2, c)
@@ -149,7 +154,7 @@ def output_transform(m: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
 def output_adjoint(grad_y: torch.Tensor) -> torch.Tensor:
     """dL/dM (16, N·tiles, C_out) from dL/dY, the adjoint of `output_transform`."""
     n, c, h, w = grad_y.shape
-    th, tw = (h + 1) // 2, (w + 1) // 2
+    th, tw = tile_grid(h, w)
     g = grad_y.permute(0, 2, 3, 1)
     if (h, w) != (2 * th, 2 * tw):
         g = F.pad(g, (0, 0, 0, 2 * tw - w, 0, 2 * th - h))
@@ -290,7 +295,8 @@ class WinogradConv2d(nn.Conv2d):
 
 def tiles_per_image(x: torch.Tensor) -> int:
     """2×2 output tiles of one image of x (N, C, H, W): ⌈H/2⌉ × ⌈W/2⌉."""
-    return ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2)
+    th, tw = tile_grid(x.shape[2], x.shape[3])
+    return th * tw
 
 
 def same_3x3(conv: nn.Conv2d) -> bool:
