@@ -7,6 +7,7 @@ bench times is what training runs."""
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from torch import nn
 
 from fastmoco.byol import BYOL
 from fastmoco.config import RunConfig, TrainConfig
-from fastmoco.conv import use_fast_convolutions_
+from fastmoco.conv import WINOGRAD_SPEEDUP_VAR, cpu_winograd_speedup, use_fast_convolutions_
 from fastmoco.data import build_pretrain_loader
 from fastmoco.device import autocast, grad_scaler, resolve_device, resolve_precision
 from fastmoco.distributed import broadcast_choice, broadcast_module_, init_from_env
@@ -48,8 +49,8 @@ class Runtime:
 
 def init_runtime(run: RunConfig) -> Runtime:
     """Join the process group torchrun or SLURM describes, take this process's GPU, and settle the
-    precision (on a CPU `auto` measures: rank 0's choice holds everywhere). Training and the
-    evaluation commands start here alike."""
+    precision and, on a CPU, whether Winograd pays (`auto` measures both: rank 0's choice holds
+    everywhere). Training and the evaluation commands start here alike."""
     device = resolve_device(run.device)
     rank, world, local_rank = init_from_env(device.type)
     if device.type == "cuda" and run.device == "auto":
@@ -58,6 +59,12 @@ def init_runtime(run: RunConfig) -> Runtime:
     dtype = resolve_precision(run.precision, device, run.allow_emulated_bf16)
     if run.precision == "auto":
         dtype = DTYPES[broadcast_choice(DTYPES.index(dtype), device)]
+    if (run.conv_winograd == "auto" and device.type == "cpu" and dtype == torch.float32
+            and world > 1):
+        # rank 0 measures while the others wait: they would each time a CPU the others load
+        speedup = cpu_winograd_speedup() if rank == 0 else 0.0
+        speedup = broadcast_choice(round(speedup * 1e4), device) / 1e4
+        os.environ[WINOGRAD_SPEEDUP_VAR] = f"{speedup:.4f}"
     return Runtime(device, dtype, rank, world)
 
 

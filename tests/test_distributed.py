@@ -20,8 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmoco import MoCo
+from fastmoco.build import init_runtime
 from fastmoco.checkpoint import list_checkpoints, load_checkpoint
-from fastmoco.distributed import AnyProcess, broadcast_module_, get_world_size
+from fastmoco.config import RunConfig
+from fastmoco.conv import WINOGRAD_SPEEDUP_VAR, resolve_conv_winograd
+from fastmoco.distributed import AnyProcess, broadcast_module_, get_world_size, shutdown
 from fastmoco.pipelines.folder import shard_indices
 from fastmoco.pipelines.torchvision import EpochShardSampler
 
@@ -201,6 +204,25 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def torchrun_train(nproc: int, overrides: list[str], cwd: Path, extra: list[str] = ()) -> list[str]:
     return [*TORCHRUN, f"--nproc_per_node={nproc}", *extra, "-m", "fastmoco", "train", *FAST, *overrides]
+
+
+def _runtime_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    # each rank "measured" otherwise: 1.5x on rank 0, 0.5x (Winograd slower) on rank 1
+    os.environ[WINOGRAD_SPEEDUP_VAR] = "1.5" if rank == 0 else "0.5"
+    rt = init_runtime(RunConfig(device="cpu", precision="fp32"))
+    winograd = resolve_conv_winograd("auto", rt.device, rt.dtype)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps([rt.rank, rt.world_size, winograd]))
+    shutdown()
+
+
+def test_ranks_take_rank_zeros_winograd_measurement(tmp_path):
+    """auto's Winograd choice is a timing: each process would measure its own, on a CPU the
+    others load, and could decide otherwise. init_runtime gives every rank rank 0's."""
+    mp.spawn(_runtime_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert got == [[0, WORLD, True], [1, WORLD, True]]
 
 
 def test_checkpoint_at_two_processes_resumes_at_one(tiny_cifar, tmp_path):

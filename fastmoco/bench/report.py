@@ -14,6 +14,7 @@ import torch
 
 from fastmoco.bench.config import MODES, Target
 from fastmoco.bench.measure import PHASES
+from fastmoco.conv import cpu_winograd_speedup
 from fastmoco.device import describe_cpu
 
 
@@ -33,7 +34,10 @@ def setting(device: torch.device) -> dict[str, Any]:
         commit += "-dirty"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         platform.processor() or platform.machine())
-    return {"device": f"{device} ({name})", "cpu": describe_cpu(), "torch": torch.__version__,
+    cpu = describe_cpu()
+    if device.type == "cpu":  # measured here, before the arms spawn: they inherit it and agree
+        cpu["winograd_speedup"] = round(cpu_winograd_speedup(), 2)
+    return {"device": f"{device} ({name})", "cpu": cpu, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "commit": commit,
             "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
@@ -143,7 +147,8 @@ def format_table(result: dict[str, Any]) -> str:
     if cpu and s["device"].startswith("cpu"):
         lines.append(f"cpu kind {cpu['kind']} (ATen {cpu['aten_capability']}, oneDNN bf16 "
                      f"{'yes' if cpu['onednn_bf16'] else 'no'}, measured {cpu['bf16_speedup']}x fp32, "
-                     f"auto runs {cpu['auto_dtype']}; flags: {cpu['flags'] or '-'}"
+                     f"auto runs {cpu['auto_dtype']}; Winograd measured "
+                     f"{cpu.get('winograd_speedup', '-')}x; flags: {cpu['flags'] or '-'}"
                      + (f"; capped by {cpu['isa_caps']}" if cpu.get("isa_caps") else "") + ")")
     if ceil:
         bf = ceil.get("mm_bf16_flops")
