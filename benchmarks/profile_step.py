@@ -27,7 +27,8 @@ from torch.profiler import ProfilerActivity, profile
 from fastmoco.bench.measure import matmul_rate, step_flops
 from fastmoco.build import build_trainer, local_runtime
 from fastmoco.config import TrainConfig, apply_overrides
-from fastmoco.conv import resolve_conv_weight_grad, resolve_conv_winograd, weight_grad
+from fastmoco.conv import weight_grad
+from fastmoco.conv_choice import resolve_conv_weight_grad, resolve_conv_winograd
 from fastmoco.data import SyntheticTwoViewLoader
 from fastmoco.device import describe_cpu
 from step_ab import CASE  # the bench's r18_cifar case (run as python benchmarks/...)

@@ -7,7 +7,6 @@ bench times is what training runs."""
 from __future__ import annotations
 
 import logging
-import os
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,7 @@ from torch import nn
 
 from fastmoco.byol import BYOL
 from fastmoco.config import RunConfig, TrainConfig
-from fastmoco.conv import WINOGRAD_SPEEDUP_VAR, cpu_winograd_speedup, use_fast_convolutions_
+from fastmoco.conv_choice import agree_on_measurements, use_fast_convolutions_
 from fastmoco.data import build_pretrain_loader
 from fastmoco.device import autocast, grad_scaler, resolve_device, resolve_precision
 from fastmoco.distributed import broadcast_choice, broadcast_module_, init_from_env
@@ -49,7 +48,7 @@ class Runtime:
 
 def init_runtime(run: RunConfig) -> Runtime:
     """Join the process group torchrun or SLURM describes, take this process's GPU, and settle the
-    precision and, on a CPU, whether Winograd pays (`auto` measures both: rank 0's choice holds
+    precision and, on a CPU, the convolution paths (`auto` measures them: rank 0's choice holds
     everywhere). Training and the evaluation commands start here alike."""
     device = resolve_device(run.device)
     rank, world, local_rank = init_from_env(device.type)
@@ -59,12 +58,8 @@ def init_runtime(run: RunConfig) -> Runtime:
     dtype = resolve_precision(run.precision, device, run.allow_emulated_bf16)
     if run.precision == "auto":
         dtype = DTYPES[broadcast_choice(DTYPES.index(dtype), device)]
-    if (run.conv_winograd == "auto" and device.type == "cpu" and dtype == torch.float32
-            and world > 1):
-        # rank 0 measures while the others wait: they would each time a CPU the others load
-        speedup = cpu_winograd_speedup() if rank == 0 else 0.0
-        speedup = broadcast_choice(round(speedup * 1e4), device) / 1e4
-        os.environ[WINOGRAD_SPEEDUP_VAR] = f"{speedup:.4f}"
+    if world > 1:
+        agree_on_measurements(run.conv_weight_grad, run.conv_winograd, device, dtype, rank)
     return Runtime(device, dtype, rank, world)
 
 

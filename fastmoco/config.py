@@ -32,8 +32,8 @@ POS_EMBEDS = ("learned", "sincos")
 KNN_FEATURES = ("head", "backbone")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 COMPILE = ("auto", "on", "off")
-CONV_WEIGHT_GRADS = ("auto", "native", "gemm")  # fastmoco/conv.py
-CONV_WINOGRAD = ("auto", "on", "off")  # fastmoco/winograd.py
+CONV_WEIGHT_GRADS = ("auto", "native", "gemm")  # fastmoco/conv_choice.py
+CONV_WINOGRAD = ("auto", "on", "off")  # fastmoco/conv_choice.py
 LINEAR_MODES = ("full", "cached")
 LINEAR_VIEWS = ("rrc", "pad_crop")
 LINEAR_OPTIMIZERS = ("sgd", "lars")
@@ -272,8 +272,8 @@ class RunConfig:
     compile: str = "auto"  # auto | on | off
     compile_min_steps: int = 2000  # auto: compile only when the run is at least this long
     # How convolutions compute their weight gradient: native (the framework's kernel), gemm
-    # (im2col + GEMM on maps up to 8x8 from 256+ channels, fastmoco/conv.py) or auto (gemm for
-    # fp32 on AVX2-only CPUs, else native).
+    # (im2col + GEMM on maps up to 8x8 from 256+ channels, fastmoco/conv.py) or auto (gemm on a
+    # CPU in fp32 where one such layer measures >= 1.1x faster by it at start; conv_choice.py).
     conv_weight_grad: str = "auto"
     # 3x3 stride-1 convolutions of 256+ channels by Winograd F(2x2,3x3) (fastmoco/winograd.py):
     # on, off or auto (on a CPU in fp32 where one such layer measures >= 1.1x faster by it at

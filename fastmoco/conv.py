@@ -5,17 +5,12 @@ kernel (jit:avx2) at about half the rate of its own forward pass, where MKL's GE
 unfolded (im2col) input runs near the mm rate on small maps of wide layers (benchmarks/RESULTS.md,
 session of 2026-12-07). `run.conv_weight_grad` chooses: `native` (the framework's kernel),
 `gemm` (this module, for output maps of at most MAX_OUTPUT_PIXELS from at least MIN_IN_CHANNELS
-channels) or `auto` (gemm for fp32 on AVX2-only CPUs, where it measured ~4 % on the ResNet-18
-CIFAR step; native elsewhere). The forward pass and the input gradient stay the framework's; the
-weight gradient is the same sum in another order. `use_fast_convolutions_` applies this and
-`run.conv_winograd` (fastmoco/winograd.py: wide 3×3 stride-1 layers, all three passes; its auto
-measures one such layer both ways at start) to a model.
+channels) or `auto` (fastmoco/conv_choice.py: gemm on a CPU in fp32 where it measures faster;
+~4 % on the ResNet-18 CIFAR step on AVX2). The forward pass and the input gradient stay the
+framework's; the weight gradient is the same sum in another order.
 """
 from __future__ import annotations
 
-import copy
-import os
-import time
 from typing import Callable
 
 import torch
@@ -23,9 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from fastmoco.config import CONV_WEIGHT_GRADS, CONV_WINOGRAD, choose
-from fastmoco.device import cpu_kind
-from fastmoco.winograd import MIN_CHANNELS as WINOGRAD_MIN_CHANNELS
 from fastmoco.winograd import WinogradConv2d, winograd_eligible, zero_padded_nhwc
 
 # The GEMM path only for output maps of at most 8×8 from at least 256 input channels: there it
@@ -157,102 +149,3 @@ def use_native_convolutions_(module: nn.Module) -> nn.Module:
         if isinstance(conv, (GemmGradConv2d, WinogradConv2d)):
             conv.__class__ = nn.Conv2d
     return module
-
-
-def _fp32_on_avx2(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype == torch.float32 and cpu_kind() == "AVX2"
-
-
-def resolve_conv_weight_grad(mode: str, device: torch.device, dtype: torch.dtype) -> str:
-    """auto: gemm for fp32 training on AVX2-only CPUs (measured faster there); native on GPUs,
-    on AVX-512 CPUs (oneDNN has its brgemm weight-gradient kernels there; not measured) and in
-    bf16/fp16 (the gemm path runs fp32 only)."""
-    choose("run.conv_weight_grad", mode, CONV_WEIGHT_GRADS)
-    if mode != "auto":
-        return mode
-    return "gemm" if _fp32_on_avx2(device, dtype) else "native"
-
-
-# auto runs Winograd on a CPU in fp32 where one wide layer (ResNet-18's layer3 at split BN's
-# sub-batch of 32), forward and both gradients, measures at least this much faster by it. On the
-# AVX2 EPYC that layer measured 1.20-1.46x in fresh processes (1.05-1.55x beside a neighbour's
-# matmuls) and the whole R18 CIFAR step ran 1.14-1.17x (benchmarks/RESULTS.md). A tie costs only
-# memory, a wrong "off" the step's 1.15x, hence a bar this low.
-WINOGRAD_MIN_SPEEDUP = 1.1
-# The measured speedup, once per run: set by the first measurement, read by child processes (the
-# bench's arms); a user may set it to skip the measurement (e.g. 0 keeps Winograd off under auto).
-WINOGRAD_SPEEDUP_VAR = "FASTMOCO_CPU_WINOGRAD_SPEEDUP"
-
-
-def cpu_winograd_speedup(rounds: int = 7) -> float:
-    """Time of the convolution auto would otherwise run / Winograd's, for a 256→256 3×3 layer
-    over 32 images of 8×8, forward and both gradients, timed in turns (the best time of each).
-
-    Winograd's gain depends on how fast the CPU's direct convolutions already are (AVX2: about
-    the mm rate; AVX-512 and AMX have oneDNN's brgemm kernels), so auto measures (under a
-    second, once per run) instead of assuming it from the CPU kind."""
-    if os.environ.get(WINOGRAD_SPEEDUP_VAR):
-        return float(os.environ[WINOGRAD_SPEEDUP_VAR])
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 256, 8, 8, generator=g).contiguous(memory_format=torch.channels_last)
-    grad_y = torch.randn(x.shape, generator=g).contiguous(memory_format=torch.channels_last)
-    direct = nn.Conv2d(256, 256, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
-    winograd = copy.deepcopy(direct)
-    gemm = resolve_conv_weight_grad("auto", torch.device("cpu"), torch.float32) == "gemm"
-    use_winograd_(winograd, gemm_fallback=gemm)
-    if gemm:
-        use_gemm_weight_grad_(direct)
-    x.requires_grad_(True)
-
-    def seconds(conv: nn.Module) -> float:
-        start = time.perf_counter()
-        conv(x).backward(grad_y)
-        return time.perf_counter() - start
-
-    with torch.enable_grad():
-        seconds(direct), seconds(winograd)  # warm-up: oneDNN's primitives, the allocator
-        # in turns, the best of each: a neighbour's burst slows some calls, none speeds one up
-        times = [(seconds(direct), seconds(winograd)) for _ in range(rounds)]
-    speedup = min(t[0] for t in times) / min(t[1] for t in times)
-    os.environ[WINOGRAD_SPEEDUP_VAR] = f"{speedup:.4f}"  # spawned arms and workers agree with us
-    return speedup
-
-
-def resolve_conv_winograd(mode: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether wide 3×3 stride-1 convolutions run by F(2×2, 3×3) (fastmoco/winograd.py). auto:
-    on a CPU in fp32 where it measures at least WINOGRAD_MIN_SPEEDUP faster
-    (`cpu_winograd_speedup`); not on GPUs (cuDNN chooses its own algorithms, Winograd among
-    them), nor in bf16/fp16 (this path runs fp32 and fp64 only)."""
-    choose("run.conv_winograd", mode, CONV_WINOGRAD)
-    if mode != "auto":
-        return mode == "on"
-    return (device.type == "cpu" and dtype == torch.float32
-            and cpu_winograd_speedup() >= WINOGRAD_MIN_SPEEDUP)
-
-
-def use_fast_convolutions_(model: nn.Module, weight_grad: str, winograd: str,
-                           device: torch.device, dtype: torch.dtype) -> None:
-    """Swap the classes of `model`'s convolutions in place as the two settings resolve:
-    Winograd first (it computes all three passes), the GEMM weight gradient for the rest."""
-    gemm = resolve_conv_weight_grad(weight_grad, device, dtype) == "gemm"
-    if resolve_conv_winograd(winograd, device, dtype):
-        use_winograd_(model, gemm_fallback=gemm)
-    if gemm:
-        use_gemm_weight_grad_(model)
-
-
-def describe_convolutions(weight_grad: str, winograd: str, device: torch.device,
-                          dtype: torch.dtype) -> str:
-    """What the run log says: the resolved choices, where they apply, and auto's measurement."""
-    chosen = resolve_conv_weight_grad(weight_grad, device, dtype)
-    if chosen == "gemm":
-        chosen = (f"gemm (output maps up to {MAX_OUTPUT_PIXELS} px from {MIN_IN_CHANNELS}+ "
-                  "channels)")
-    text = f"weight grads {chosen}"
-    measured = winograd == "auto" and device.type == "cpu" and dtype == torch.float32
-    if resolve_conv_winograd(winograd, device, dtype):
-        text += f", Winograd F(2x2,3x3) for 3x3 stride-1 layers of {WINOGRAD_MIN_CHANNELS}+ channels"
-    if measured:
-        text += (f" (Winograd measured {cpu_winograd_speedup():.2f}x on one such layer, "
-                 f"auto's bar {WINOGRAD_MIN_SPEEDUP}x)")
-    return text

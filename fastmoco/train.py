@@ -14,7 +14,7 @@ from fastmoco.build import (
     build_loader, build_schedules, build_trainer, init_runtime, planned_steps, seed_process,
 )
 from fastmoco.config import TrainConfig
-from fastmoco.conv import describe_convolutions
+from fastmoco.conv_choice import describe_convolutions
 from fastmoco.metrics import MetricsWriter, ProgressBar, Throughput, setup_logging
 from fastmoco.monitor import KnnMonitor
 from fastmoco.periodic import PeriodicCheckpoints

@@ -7,7 +7,7 @@ torch asks oneDNN for direct convolutions on every CPU, and on an AVX2 CPU those
 layer run at about the mm rate, so 2.25× fewer multiplies pay for the tile transforms where the
 layer is wide (benchmarks/RESULTS.md, session of 2026-12-07 (2)). The backward pass stays in the
 transformed domain: dU = Vᵀ dM and dV = dM Uᵀ, the same GEMM shapes, then the adjoint transforms.
-`run.conv_winograd` chooses (fastmoco/conv.py applies it). Transforms have entries 0, ±½, ±1:
+`run.conv_winograd` chooses (fastmoco/conv_choice.py). Transforms have entries 0, ±½, ±1:
 in fp32 the result differs from the direct sum by rounding only (tests/test_winograd.py).
 """
 from __future__ import annotations

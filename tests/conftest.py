@@ -9,17 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmoco.conv import WINOGRAD_SPEEDUP_VAR
+from fastmoco.conv_choice import GEMM_SPEEDUP_VAR, WINOGRAD_SPEEDUP_VAR
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 CIFAR = Path(os.environ.get("FASTMOCO_TEST_CIFAR", SHARED / "cifar10"))
 IMAGENET_SAMPLES = SHARED / "imagenet-samples"
 
-# run.conv_winograd=auto times Winograd against the direct convolution once per process
-# (fastmoco/conv.py). The suite fixes that measurement so that the processes of one test (a run
-# and its resume, the bench's arms) decide alike on any CPU, and so that the Winograd path runs
-# on every kind; tests/test_winograd.py measures it for real.
+# run.conv_weight_grad=auto and run.conv_winograd=auto time their paths against the framework's
+# once per process (fastmoco/conv_choice.py). The suite fixes those timings so that the processes
+# of one test (a run and its resume, the bench's arms) decide alike on any CPU, and so that both
+# paths run on every kind; tests/test_conv_choice.py times them for real.
+os.environ.setdefault(GEMM_SPEEDUP_VAR, "1.5")
 os.environ.setdefault(WINOGRAD_SPEEDUP_VAR, "1.5")
 
 

@@ -1,6 +1,6 @@
 """The GEMM weight gradient (fastmoco/conv.py) against the framework's convolution gradients:
 float64 on both sides to ~1e-12 (the same sums in another order), fp32 against a float64
-reference to 1e-5 relative; the module swap, its fall-backs and the auto rule."""
+reference to 1e-5 relative; the module swap and its fall-backs (auto: test_conv_choice.py)."""
 from __future__ import annotations
 
 import copy
@@ -12,11 +12,7 @@ from torch import nn
 
 from fastmoco import conv
 from fastmoco.backbone import create_backbone
-from fastmoco.config import TrainConfig, apply_overrides
-from fastmoco.conv import (
-    GemmGradConv2d, resolve_conv_weight_grad, use_gemm_weight_grad_, use_native_convolutions_,
-    weight_grad,
-)
+from fastmoco.conv import GemmGradConv2d, use_gemm_weight_grad_, use_native_convolutions_, weight_grad
 from numerics import rel_err
 
 # n, c_in, c_out, h, w, kernel, stride, padding
@@ -151,28 +147,6 @@ def test_ineligible_convolutions_are_left_alone():
     same = nn.Conv2d(4, 4, 3, padding="same")
     reflect = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
     assert use_gemm_weight_grad_(nn.Sequential(grouped, dilated, same, reflect)) == 0
-
-
-def test_auto_rule(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_conv_weight_grad("native", cpu, torch.float32) == "native"
-    assert resolve_conv_weight_grad("gemm", cpu, torch.bfloat16) == "gemm"
-    monkeypatch.setattr(conv, "cpu_kind", lambda: "AVX2")
-    assert resolve_conv_weight_grad("auto", cpu, torch.float32) == "gemm"
-    assert resolve_conv_weight_grad("auto", cpu, torch.bfloat16) == "native"
-    assert resolve_conv_weight_grad("auto", cuda, torch.float32) == "native"
-    for kind in ("AVX512", "AVX512-BF16", "AMX", "DEFAULT"):
-        monkeypatch.setattr(conv, "cpu_kind", lambda: kind)
-        assert resolve_conv_weight_grad("auto", cpu, torch.float32) == "native"
-    monkeypatch.setattr(conv, "cpu_kind", lambda: "AVX2")
-    assert conv.describe_convolutions("auto", "off", cpu, torch.float32) == (
-        "weight grads gemm (output maps up to 64 px from 256+ channels)")
-    assert conv.describe_convolutions("native", "off", cpu, torch.float32) == "weight grads native"
-    with pytest.raises(ValueError, match="run.conv_weight_grad='im2col': choose one of auto, "
-                                         "native, gemm"):
-        resolve_conv_weight_grad("im2col", cpu, torch.float32)
-    with pytest.raises(ValueError, match="run.conv_weight_grad"):
-        apply_overrides(TrainConfig(), ["run.conv_weight_grad=fast"])
 
 
 def test_default_thresholds():

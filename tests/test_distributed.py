@@ -23,7 +23,8 @@ from fastmoco import MoCo
 from fastmoco.build import init_runtime
 from fastmoco.checkpoint import list_checkpoints, load_checkpoint
 from fastmoco.config import RunConfig
-from fastmoco.conv import WINOGRAD_SPEEDUP_VAR, resolve_conv_winograd
+from fastmoco.conv_choice import (GEMM_SPEEDUP_VAR, WINOGRAD_SPEEDUP_VAR,
+                                  resolve_conv_weight_grad, resolve_conv_winograd)
 from fastmoco.distributed import AnyProcess, broadcast_module_, get_world_size, shutdown
 from fastmoco.pipelines.folder import shard_indices
 from fastmoco.pipelines.torchvision import EpochShardSampler
@@ -209,20 +210,22 @@ def torchrun_train(nproc: int, overrides: list[str], cwd: Path, extra: list[str]
 def _runtime_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
-    # each rank "measured" otherwise: 1.5x on rank 0, 0.5x (Winograd slower) on rank 1
-    os.environ[WINOGRAD_SPEEDUP_VAR] = "1.5" if rank == 0 else "0.5"
+    # each rank "measured" otherwise: GEMM slower and Winograd faster on rank 0, the reverse on 1
+    os.environ[GEMM_SPEEDUP_VAR] = "0.9" if rank == 0 else "1.5"
+    os.environ[WINOGRAD_SPEEDUP_VAR] = "1.5" if rank == 0 else "0.9"
     rt = init_runtime(RunConfig(device="cpu", precision="fp32"))
-    winograd = resolve_conv_winograd("auto", rt.device, rt.dtype)
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps([rt.rank, rt.world_size, winograd]))
+    chosen = [resolve_conv_weight_grad("auto", rt.device, rt.dtype),
+              resolve_conv_winograd("auto", rt.device, rt.dtype)]
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps([rt.rank, rt.world_size, *chosen]))
     shutdown()
 
 
-def test_ranks_take_rank_zeros_winograd_measurement(tmp_path):
-    """auto's Winograd choice is a timing: each process would measure its own, on a CPU the
+def test_ranks_take_rank_zeros_convolution_timings(tmp_path):
+    """auto's convolution paths follow timings: each process would take its own, on a CPU the
     others load, and could decide otherwise. init_runtime gives every rank rank 0's."""
     mp.spawn(_runtime_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    assert got == [[0, WORLD, True], [1, WORLD, True]]
+    assert got == [[0, WORLD, "native", True], [1, WORLD, "native", True]]
 
 
 def test_checkpoint_at_two_processes_resumes_at_one(tiny_cifar, tmp_path):

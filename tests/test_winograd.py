@@ -1,10 +1,8 @@
 """Winograd F(2×2, 3×3) convolutions (fastmoco/winograd.py) against F.conv2d: values and
 gradients in float64 to ~1e-12 (the same sums through exact ±1, ±½ transforms), fp32 against a
 float64 reference to 1e-5 relative; filters shared over split-BN sub-batches; the module swap,
-its fall-backs and the auto rule."""
+its fall-backs (the auto rule: tests/test_conv_choice.py)."""
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -12,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmoco import conv, winograd
-from fastmoco.config import TrainConfig, apply_overrides
 from fastmoco.conv import GemmGradConv2d, WinogradGemmConv2d, use_winograd_
 from fastmoco.winograd import WinogradConv2d, conv3x3, filters_reused, winograd_eligible
 from numerics import rel_err
@@ -223,40 +220,6 @@ def test_shared_filters_stay_in_their_thread(every_call):
     done.set()
     t.join()
     assert winograd._shared.get() is None
-
-
-def test_auto_rule_and_setting(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert conv.resolve_conv_winograd("on", cuda, torch.bfloat16)
-    assert not conv.resolve_conv_winograd("off", cpu, torch.float32)
-    monkeypatch.setenv(conv.WINOGRAD_SPEEDUP_VAR, "1.40")  # what a CPU measured
-    assert conv.resolve_conv_winograd("auto", cpu, torch.float32)
-    assert not conv.resolve_conv_winograd("auto", cpu, torch.bfloat16)
-    assert not conv.resolve_conv_winograd("auto", cuda, torch.float32)
-    assert conv.describe_convolutions("native", "auto", cpu, torch.float32) == (
-        "weight grads native, Winograd F(2x2,3x3) for 3x3 stride-1 layers of 256+ channels "
-        "(Winograd measured 1.40x on one such layer, auto's bar 1.1x)")
-    monkeypatch.setenv(conv.WINOGRAD_SPEEDUP_VAR, "1.05")  # faster, but not by auto's bar
-    assert not conv.resolve_conv_winograd("auto", cpu, torch.float32)
-    assert conv.resolve_conv_winograd("on", cpu, torch.float32)
-    assert conv.describe_convolutions("native", "auto", cpu, torch.float32) == (
-        "weight grads native (Winograd measured 1.05x on one such layer, auto's bar 1.1x)")
-    assert conv.describe_convolutions("native", "on", cpu, torch.float32) == (
-        "weight grads native, Winograd F(2x2,3x3) for 3x3 stride-1 layers of 256+ channels")
-    assert apply_overrides(TrainConfig(), ["run.conv_winograd=true"]).run.conv_winograd == "on"
-    with pytest.raises(ValueError, match="run.conv_winograd='fast': choose one of auto, on, off"):
-        apply_overrides(TrainConfig(), ["run.conv_winograd=fast"])
-
-
-def test_auto_measures_once_and_children_inherit_it(monkeypatch):
-    """The measurement runs on this CPU (both paths, forward and backward) and is kept in the
-    environment, where the bench's spawned arms and a second call read it instead of timing."""
-    monkeypatch.delenv(conv.WINOGRAD_SPEEDUP_VAR, raising=False)
-    speedup = conv.cpu_winograd_speedup(rounds=1)
-    assert speedup > 0.0  # its size is the machine's: the run log and the bench report it
-    assert float(os.environ[conv.WINOGRAD_SPEEDUP_VAR]) == pytest.approx(speedup, abs=1e-4)
-    monkeypatch.setattr(conv.time, "perf_counter", lambda: pytest.fail("measured twice"))
-    assert conv.cpu_winograd_speedup() == pytest.approx(speedup, abs=1e-4)
 
 
 @pytest.mark.parametrize("weight_grad", ["native", "gemm"])

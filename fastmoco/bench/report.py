@@ -14,7 +14,7 @@ import torch
 
 from fastmoco.bench.config import MODES, Target
 from fastmoco.bench.measure import PHASES
-from fastmoco.conv import cpu_winograd_speedup
+from fastmoco.conv_choice import cpu_gemm_weight_grad_speedup, cpu_winograd_speedup
 from fastmoco.device import describe_cpu
 
 
@@ -36,6 +36,7 @@ def setting(device: torch.device) -> dict[str, Any]:
         platform.processor() or platform.machine())
     cpu = describe_cpu()
     if device.type == "cpu":  # measured here, before the arms spawn: they inherit it and agree
+        cpu["gemm_weight_grad_speedup"] = round(cpu_gemm_weight_grad_speedup(), 2)
         cpu["winograd_speedup"] = round(cpu_winograd_speedup(), 2)
     return {"device": f"{device} ({name})", "cpu": cpu, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "commit": commit,
@@ -147,7 +148,8 @@ def format_table(result: dict[str, Any]) -> str:
     if cpu and s["device"].startswith("cpu"):
         lines.append(f"cpu kind {cpu['kind']} (ATen {cpu['aten_capability']}, oneDNN bf16 "
                      f"{'yes' if cpu['onednn_bf16'] else 'no'}, measured {cpu['bf16_speedup']}x fp32, "
-                     f"auto runs {cpu['auto_dtype']}; Winograd measured "
+                     f"auto runs {cpu['auto_dtype']}; measured GEMM weight grad "
+                     f"{cpu.get('gemm_weight_grad_speedup', '-')}x, Winograd "
                      f"{cpu.get('winograd_speedup', '-')}x; flags: {cpu['flags'] or '-'}"
                      + (f"; capped by {cpu['isa_caps']}" if cpu.get("isa_caps") else "") + ")")
     if ceil:

@@ -1,0 +1,149 @@
+"""Which convolution paths a run takes: `run.conv_weight_grad` and `run.conv_winograd`.
+
+Both fast paths trade the framework's kernels for GEMMs (fastmoco/conv.py, fastmoco/winograd.py).
+What they gain depends on how fast the CPU's own convolutions already are: on an AVX2 CPU oneDNN's
+direct convolutions run at about the mm rate and its weight gradients at half of it; AVX-512 and
+AMX have oneDNN's brgemm kernels. So `auto` does not assume it from the CPU kind: at start it
+times one layer each path applies to, both ways, forward and both gradients, in turns (about
+a second each), and takes a path from MIN_SPEEDUP. The figure is kept in an environment variable:
+the bench's spawned arms inherit it, a user may set it to skip the timing, and in a process group
+`agree_on_measurements` gives every rank rank 0's. On GPUs both stay off (cuDNN chooses its own
+algorithms), and in bf16/fp16 too (both paths run fp32 and fp64 only).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fastmoco.config import CONV_WEIGHT_GRADS, CONV_WINOGRAD, choose
+from fastmoco.conv import (MAX_OUTPUT_PIXELS, MIN_IN_CHANNELS, use_gemm_weight_grad_,
+                           use_winograd_)
+from fastmoco.distributed import broadcast_choice
+from fastmoco.winograd import MIN_CHANNELS as WINOGRAD_MIN_CHANNELS
+
+# auto takes a path where its layer measures at least this much faster. On the AVX2 EPYC, in
+# fresh processes, the Winograd layer measured 1.17-1.59x (the whole R18 CIFAR step 1.14-1.17x)
+# and the GEMM weight gradient's 1.14-1.26x (the step ~1.04x); a neighbour's matmuls on the same
+# cores spread them to 1.26-1.65x and 0.79-1.55x (benchmarks/RESULTS.md). A tie costs little, a
+# wrong "off" the step's gain: hence a low bar.
+MIN_SPEEDUP = 1.1
+GEMM_SPEEDUP_VAR = "FASTMOCO_CPU_GEMM_WEIGHT_GRAD_SPEEDUP"
+WINOGRAD_SPEEDUP_VAR = "FASTMOCO_CPU_WINOGRAD_SPEEDUP"
+
+
+def _measured_once(var: str, layers: Callable[[], tuple[nn.Module, nn.Module, torch.Tensor]],
+                   rounds: int) -> float:
+    """The framework's time / the fast path's for one layer, forward and both gradients, timed
+    in turns after a warm-up (the best time of each: a neighbour's burst slows some calls, none
+    speeds one up); kept in `var` for the rest of the run and its child processes."""
+    if os.environ.get(var):
+        return float(os.environ[var])
+    native, fast, x = layers()
+    x.requires_grad_(True)
+    with torch.enable_grad():
+        grad_y = torch.randn_like(native(x))
+
+        def seconds(conv: nn.Module) -> float:
+            start = time.perf_counter()
+            conv(x).backward(grad_y)
+            return time.perf_counter() - start
+
+        seconds(native), seconds(fast)  # warm-up: oneDNN's primitives, the allocator
+        times = [(seconds(native), seconds(fast)) for _ in range(rounds)]
+    speedup = min(t[0] for t in times) / min(t[1] for t in times)
+    os.environ[var] = f"{speedup:.4f}"
+    return speedup
+
+
+def _layer_pair(c_in: int, c_out: int, stride: int, size: int, swap: Callable[[nn.Module], int]
+                ) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """A 3×3 convolution, a copy of it on the fast path, and a channels-last input of 32 images
+    (split BN's sub-batch)."""
+    g = torch.Generator().manual_seed(0)
+    native = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False).to(memory_format=torch.channels_last)
+    fast = copy.deepcopy(native)
+    assert swap(fast) == 1
+    x = torch.randn(32, c_in, size, size, generator=g).contiguous(memory_format=torch.channels_last)
+    return native, fast, x
+
+
+def cpu_gemm_weight_grad_speedup(rounds: int = 12) -> float:
+    """The GEMM weight gradient on a 256→512 stride-2 layer over 8×8 maps (ResNet-18's
+    layer4.0.conv1 at 32 px, which Winograd leaves to it), against the framework's."""
+    return _measured_once(GEMM_SPEEDUP_VAR,
+                          lambda: _layer_pair(256, 512, 2, 8, use_gemm_weight_grad_), rounds)
+
+
+def cpu_winograd_speedup(rounds: int = 12) -> float:
+    """Winograd F(2×2, 3×3) on a 256→256 layer over 8×8 maps (ResNet-18's layer3 at 32 px),
+    against the framework's convolution."""
+    return _measured_once(WINOGRAD_SPEEDUP_VAR,
+                          lambda: _layer_pair(256, 256, 1, 8, use_winograd_), rounds)
+
+
+def _measured(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype == torch.float32
+
+
+def resolve_conv_weight_grad(mode: str, device: torch.device, dtype: torch.dtype) -> str:
+    """native, gemm, or auto's choice: gemm on a CPU in fp32 where it measures faster."""
+    choose("run.conv_weight_grad", mode, CONV_WEIGHT_GRADS)
+    if mode != "auto":
+        return mode
+    fast = _measured(device, dtype) and cpu_gemm_weight_grad_speedup() >= MIN_SPEEDUP
+    return "gemm" if fast else "native"
+
+
+def resolve_conv_winograd(mode: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether wide 3×3 stride-1 convolutions run by F(2×2, 3×3): on, off, or auto's choice (on
+    a CPU in fp32 where it measures faster)."""
+    choose("run.conv_winograd", mode, CONV_WINOGRAD)
+    if mode != "auto":
+        return mode == "on"
+    return _measured(device, dtype) and cpu_winograd_speedup() >= MIN_SPEEDUP
+
+
+def agree_on_measurements(weight_grad: str, winograd: str, device: torch.device,
+                          dtype: torch.dtype, rank: int) -> None:
+    """In a process group, every rank takes rank 0's timings for the settings left to auto
+    (call on every rank): rank 0 measures while the others wait, instead of each timing a CPU
+    the others load and perhaps deciding otherwise."""
+    if not _measured(device, dtype):
+        return
+    for mode, var, measure in ((weight_grad, GEMM_SPEEDUP_VAR, cpu_gemm_weight_grad_speedup),
+                               (winograd, WINOGRAD_SPEEDUP_VAR, cpu_winograd_speedup)):
+        if mode == "auto":
+            speedup = measure() if rank == 0 else 0.0
+            os.environ[var] = f"{broadcast_choice(round(speedup * 1e4), device) / 1e4:.4f}"
+
+
+def use_fast_convolutions_(model: nn.Module, weight_grad: str, winograd: str,
+                           device: torch.device, dtype: torch.dtype) -> None:
+    """Swap the classes of `model`'s convolutions in place as the two settings resolve:
+    Winograd first (it computes all three passes), the GEMM weight gradient for the rest."""
+    gemm = resolve_conv_weight_grad(weight_grad, device, dtype) == "gemm"
+    if resolve_conv_winograd(winograd, device, dtype):
+        use_winograd_(model, gemm_fallback=gemm)
+    if gemm:
+        use_gemm_weight_grad_(model)
+
+
+def describe_convolutions(weight_grad: str, winograd: str, device: torch.device,
+                          dtype: torch.dtype) -> str:
+    """What the run log says: the resolved choices, where they apply, and auto's timings."""
+    text = "weight grads " + resolve_conv_weight_grad(weight_grad, device, dtype)
+    if text.endswith("gemm"):
+        text += f" (output maps up to {MAX_OUTPUT_PIXELS} px from {MIN_IN_CHANNELS}+ channels)"
+    if resolve_conv_winograd(winograd, device, dtype):
+        text += f", Winograd F(2x2,3x3) for 3x3 stride-1 layers of {WINOGRAD_MIN_CHANNELS}+ channels"
+    timed = [f"{name} {measure():.2f}x" for mode, name, measure in (
+        (weight_grad, "gemm weight grad", cpu_gemm_weight_grad_speedup),
+        (winograd, "Winograd", cpu_winograd_speedup)) if mode == "auto"]
+    if timed and _measured(device, dtype):
+        text += f" (auto measured {', '.join(timed)} on one layer each, bar {MIN_SPEEDUP}x)"
+    return text
