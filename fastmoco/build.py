@@ -16,7 +16,7 @@ from torch import nn
 
 from fastmoco.byol import BYOL
 from fastmoco.config import RunConfig, TrainConfig
-from fastmoco.conv_choice import agree_on_measurements, use_fast_convolutions_
+from fastmoco.conv_choice import use_fast_convolutions_
 from fastmoco.data import build_pretrain_loader
 from fastmoco.device import autocast, grad_scaler, resolve_device, resolve_precision
 from fastmoco.distributed import broadcast_choice, broadcast_module_, init_from_env
@@ -48,8 +48,8 @@ class Runtime:
 
 def init_runtime(run: RunConfig) -> Runtime:
     """Join the process group torchrun or SLURM describes, take this process's GPU, and settle the
-    precision and, on a CPU, the convolution paths (`auto` measures them: rank 0's choice holds
-    everywhere). Training and the evaluation commands start here alike."""
+    precision (on a CPU `auto` measures: rank 0's choice holds everywhere). Training and the
+    evaluation commands start here alike."""
     device = resolve_device(run.device)
     rank, world, local_rank = init_from_env(device.type)
     if device.type == "cuda" and run.device == "auto":
@@ -58,8 +58,6 @@ def init_runtime(run: RunConfig) -> Runtime:
     dtype = resolve_precision(run.precision, device, run.allow_emulated_bf16)
     if run.precision == "auto":
         dtype = DTYPES[broadcast_choice(DTYPES.index(dtype), device)]
-    if world > 1:
-        agree_on_measurements(run.conv_weight_grad, run.conv_winograd, device, dtype, rank)
     return Runtime(device, dtype, rank, world)
 
 

@@ -277,7 +277,7 @@ class RunConfig:
     conv_weight_grad: str = "auto"
     # 3x3 stride-1 convolutions of 256+ channels by Winograd F(2x2,3x3) (fastmoco/winograd.py):
     # on, off or auto (on a CPU in fp32 where one such layer measures >= 1.1x faster by it at
-    # start, under a second; off on GPUs and in bf16/fp16).
+    # start, about a second; off on GPUs and in bf16/fp16).
     conv_winograd: str = "auto"
     loss_backend: str = "auto"
     ema_backend: str = "auto"

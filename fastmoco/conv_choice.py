@@ -6,8 +6,8 @@ direct convolutions run at about the mm rate and its weight gradients at half of
 AMX have oneDNN's brgemm kernels. So `auto` does not assume it from the CPU kind: at start it
 times one layer each path applies to, both ways, forward and both gradients, in turns (about
 a second each), and takes a path from MIN_SPEEDUP. The figure is kept in an environment variable:
-the bench's spawned arms inherit it, a user may set it to skip the timing, and in a process group
-`agree_on_measurements` gives every rank rank 0's. On GPUs both stay off (cuDNN chooses its own
+the bench's spawned arms inherit it, a user may set it to skip the timing, and in a training
+process group `agree_on_measurements` gives every rank rank 0's. On GPUs both stay off (cuDNN chooses its own
 algorithms), and in bf16/fp16 too (both paths run fp32 and fp64 only).
 """
 from __future__ import annotations
@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from fastmoco.config import CONV_WEIGHT_GRADS, CONV_WINOGRAD, choose
-from fastmoco.conv import (MAX_OUTPUT_PIXELS, MIN_IN_CHANNELS, use_gemm_weight_grad_,
-                           use_winograd_)
-from fastmoco.distributed import broadcast_choice
-from fastmoco.winograd import MIN_CHANNELS as WINOGRAD_MIN_CHANNELS
+from fastmoco import conv
+from fastmoco.conv import GemmGradConv2d, gemm_eligible, use_gemm_weight_grad_, use_winograd_
+from fastmoco.distributed import broadcast_choice, get_world_size
+from fastmoco.winograd import WinogradConv2d, winograd_eligible
 
 # auto takes a path where its layer measures at least this much faster. On the AVX2 EPYC, in
 # fresh processes, the Winograd layer measured 1.17-1.59x (the whole R18 CIFAR step 1.14-1.17x)
@@ -43,14 +43,15 @@ def _measured_once(var: str, layers: Callable[[], tuple[nn.Module, nn.Module, to
     speeds one up); kept in `var` for the rest of the run and its child processes."""
     if os.environ.get(var):
         return float(os.environ[var])
-    native, fast, x = layers()
-    x.requires_grad_(True)
-    with torch.enable_grad():
+    # its own random state: a run that times and one that reads the figure draw the same data
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        native, fast, x = layers()
+        x.requires_grad_(True)
         grad_y = torch.randn_like(native(x))
 
-        def seconds(conv: nn.Module) -> float:
+        def seconds(layer: nn.Module) -> float:
             start = time.perf_counter()
-            conv(x).backward(grad_y)
+            layer(x).backward(grad_y)
             return time.perf_counter() - start
 
         seconds(native), seconds(fast)  # warm-up: oneDNN's primitives, the allocator
@@ -111,9 +112,9 @@ def resolve_conv_winograd(mode: str, device: torch.device, dtype: torch.dtype) -
 def agree_on_measurements(weight_grad: str, winograd: str, device: torch.device,
                           dtype: torch.dtype, rank: int) -> None:
     """In a process group, every rank takes rank 0's timings for the settings left to auto
-    (call on every rank): rank 0 measures while the others wait, instead of each timing a CPU
-    the others load and perhaps deciding otherwise."""
-    if not _measured(device, dtype):
+    (call on every rank, before the model is built): rank 0 measures while the others wait,
+    instead of each timing a CPU the others load and perhaps deciding otherwise."""
+    if not _measured(device, dtype) or get_world_size() == 1:
         return
     for mode, var, measure in ((weight_grad, GEMM_SPEEDUP_VAR, cpu_gemm_weight_grad_speedup),
                                (winograd, WINOGRAD_SPEEDUP_VAR, cpu_winograd_speedup)):
@@ -125,25 +126,34 @@ def agree_on_measurements(weight_grad: str, winograd: str, device: torch.device,
 def use_fast_convolutions_(model: nn.Module, weight_grad: str, winograd: str,
                            device: torch.device, dtype: torch.dtype) -> None:
     """Swap the classes of `model`'s convolutions in place as the two settings resolve:
-    Winograd first (it computes all three passes), the GEMM weight gradient for the rest."""
-    gemm = resolve_conv_weight_grad(weight_grad, device, dtype) == "gemm"
-    if resolve_conv_winograd(winograd, device, dtype):
+    Winograd first (it computes all three passes), the GEMM weight gradient for the rest. auto
+    times a path only for a model with a layer it could take (the CPU demo's narrow network
+    has none)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    gemm = (any(gemm_eligible(m) and m.in_channels >= conv.MIN_IN_CHANNELS for m in layers)
+            and resolve_conv_weight_grad(weight_grad, device, dtype) == "gemm")
+    if any(map(winograd_eligible, layers)) and resolve_conv_winograd(winograd, device, dtype):
         use_winograd_(model, gemm_fallback=gemm)
     if gemm:
         use_gemm_weight_grad_(model)
 
 
-def describe_convolutions(weight_grad: str, winograd: str, device: torch.device,
-                          dtype: torch.dtype) -> str:
-    """What the run log says: the resolved choices, where they apply, and auto's timings."""
-    text = "weight grads " + resolve_conv_weight_grad(weight_grad, device, dtype)
-    if text.endswith("gemm"):
-        text += f" (output maps up to {MAX_OUTPUT_PIXELS} px from {MIN_IN_CHANNELS}+ channels)"
-    if resolve_conv_winograd(winograd, device, dtype):
-        text += f", Winograd F(2x2,3x3) for 3x3 stride-1 layers of {WINOGRAD_MIN_CHANNELS}+ channels"
-    timed = [f"{name} {measure():.2f}x" for mode, name, measure in (
-        (weight_grad, "gemm weight grad", cpu_gemm_weight_grad_speedup),
-        (winograd, "Winograd", cpu_winograd_speedup)) if mode == "auto"]
-    if timed and _measured(device, dtype):
-        text += f" (auto measured {', '.join(timed)} on one layer each, bar {MIN_SPEEDUP}x)"
+def describe_convolutions(model: nn.Module) -> str:
+    """What the run log says: how many convolutions each path took, and auto's timings where
+    this run has them."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    winograd = sum(isinstance(m, WinogradConv2d) for m in layers)
+    # with Winograd's fall-back ones; a narrower layer has the class but runs the framework's
+    gemm = sum(isinstance(m, GemmGradConv2d) and m.in_channels >= conv.MIN_IN_CHANNELS
+               for m in layers)
+    parts = [f"Winograd F(2x2,3x3) on {winograd} of {len(layers)}"] if winograd else []
+    if gemm:
+        parts.append(f"GEMM weight grads on {gemm} (maps up to {conv.MAX_OUTPUT_PIXELS} px from "
+                     f"{conv.MIN_IN_CHANNELS}+ channels)")
+    text = ", ".join(parts) or f"the framework's, all {len(layers)}"
+    timed = [f"{name} {float(os.environ[var]):.2f}x" for name, var in (
+        ("GEMM weight grad", GEMM_SPEEDUP_VAR), ("Winograd", WINOGRAD_SPEEDUP_VAR))
+        if os.environ.get(var)]
+    if timed:
+        text += f" (auto's timings: {', '.join(timed)} on one layer each, bar {MIN_SPEEDUP}x)"
     return text

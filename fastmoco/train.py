@@ -14,7 +14,7 @@ from fastmoco.build import (
     build_loader, build_schedules, build_trainer, init_runtime, planned_steps, seed_process,
 )
 from fastmoco.config import TrainConfig
-from fastmoco.conv_choice import describe_convolutions
+from fastmoco.conv_choice import agree_on_measurements, describe_convolutions
 from fastmoco.metrics import MetricsWriter, ProgressBar, Throughput, setup_logging
 from fastmoco.monitor import KnnMonitor
 from fastmoco.periodic import PeriodicCheckpoints
@@ -29,6 +29,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     rt = init_runtime(cfg.run)
     setup_logging(rt.rank)
     cfg.check(rt.world_size, rt.device.type)
+    # before any model is built (the autosizer's trials too): the convolution paths' timings
+    agree_on_measurements(cfg.run.conv_weight_grad, cfg.run.conv_winograd, rt.device, rt.dtype,
+                          rt.rank)
     resume.check_run_dir(cfg.run, rt.rank, rt.device)
     path, state = resume.read_latest(cfg)
     cfg, size_index = choose_size(cfg, rt, state.get("size_index") if state else None)
@@ -46,8 +49,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     log.info("device %s, %s, channels_last=%s, compile=%s, convolutions: %s, %d process(es), "
              "batch %d per process, shuffle_bn=%s, %d steps per epoch, %d steps planned",
              rt.device, rt.dtype_name, cfg.run.channels_last, trainer.compiled,
-             describe_convolutions(cfg.run.conv_weight_grad, cfg.run.conv_winograd, rt.device,
-                                   rt.dtype), rt.world_size,
+             describe_convolutions(trainer.moco), rt.world_size,
              cfg.schedule.batch_size // rt.world_size, trainer.moco.shuffle_bn, len(loader),
              progress.total_steps)
 

@@ -1,6 +1,7 @@
 """How `run.conv_weight_grad` and `run.conv_winograd` resolve (fastmoco/conv_choice.py): explicit
-settings as given; auto from a timing of one layer each, on a CPU in fp32 only, measured once
-and kept for the run's child processes; what the run log says. (Rank 0's timing on every rank:
+settings as given; auto from a timing of one layer each, on a CPU in fp32 only, for a model
+with a layer the path could take, measured once and kept for the run's child processes; what the
+run log says. (Rank 0's timing on every rank:
 tests/test_distributed.py.)"""
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 from fastmoco import conv_choice
 from fastmoco.config import TrainConfig, apply_overrides
 from fastmoco.conv_choice import (GEMM_SPEEDUP_VAR, WINOGRAD_SPEEDUP_VAR, describe_convolutions,
-                                  resolve_conv_weight_grad, resolve_conv_winograd)
+                                  resolve_conv_weight_grad, resolve_conv_winograd,
+                                  use_fast_convolutions_)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
-WINOGRAD = "Winograd F(2x2,3x3) for 3x3 stride-1 layers of 256+ channels"
-GEMM = "gemm (output maps up to 64 px from 256+ channels)"
+GEMM = "GEMM weight grads on {} (maps up to 64 px from 256+ channels)"
 
 
 def measured(monkeypatch, gemm: str, winograd: str) -> None:
@@ -25,14 +27,35 @@ def measured(monkeypatch, gemm: str, winograd: str) -> None:
     monkeypatch.setenv(WINOGRAD_SPEEDUP_VAR, winograd)
 
 
+def net() -> nn.Module:
+    """One layer for each path (the layers ResNet-18 at 32 px gives them) and a narrow one."""
+    return nn.Sequential(nn.Conv2d(256, 256, 3, padding=1), nn.Conv2d(256, 512, 3, 2, 1),
+                         nn.Conv2d(16, 16, 3, padding=1))
+
+
+def paths(model: nn.Module) -> list[str]:
+    return [type(m).__name__ for m in model]
+
+
 def test_explicit_settings_hold_on_any_device_and_dtype(monkeypatch):
     measured(monkeypatch, "0.5", "0.5")  # slower here: auto would take neither
     assert resolve_conv_weight_grad("gemm", CPU, torch.bfloat16) == "gemm"
     assert resolve_conv_weight_grad("native", CPU, torch.float32) == "native"
     assert resolve_conv_winograd("on", CUDA, torch.bfloat16)
     assert not resolve_conv_winograd("off", CPU, torch.float32)
-    assert describe_convolutions("gemm", "on", CPU, torch.float32) == f"weight grads {GEMM}, {WINOGRAD}"
-    assert describe_convolutions("native", "off", CPU, torch.float32) == "weight grads native"
+    model = net()
+    use_fast_convolutions_(model, "gemm", "on", CPU, torch.float32)
+    # the narrow layer takes the class but runs the framework's gradient (tests/test_conv.py)
+    assert paths(model) == ["WinogradGemmConv2d", "GemmGradConv2d", "GemmGradConv2d"]
+    assert describe_convolutions(model).startswith(
+        f"Winograd F(2x2,3x3) on 1 of 3, {GEMM.format(2)} (auto's timings: GEMM weight grad "
+        "0.50x, Winograd 0.50x")
+    model = net()
+    use_fast_convolutions_(model, "native", "off", CPU, torch.float32)
+    assert paths(model) == ["Conv2d"] * 3
+    monkeypatch.delenv(GEMM_SPEEDUP_VAR)
+    monkeypatch.delenv(WINOGRAD_SPEEDUP_VAR)
+    assert describe_convolutions(model) == "the framework's, all 3"
 
 
 @pytest.mark.parametrize("gemm, winograd", [("1.18", "1.40"), ("1.02", "1.40"), ("1.18", "1.05"),
@@ -42,15 +65,36 @@ def test_auto_takes_a_path_from_its_bar_on_a_cpu_in_fp32(monkeypatch, gemm, wino
     want_gemm, want_winograd = (float(v) >= conv_choice.MIN_SPEEDUP for v in (gemm, winograd))
     assert resolve_conv_weight_grad("auto", CPU, torch.float32) == ("gemm" if want_gemm else "native")
     assert resolve_conv_winograd("auto", CPU, torch.float32) == want_winograd
-    text = describe_convolutions("auto", "auto", CPU, torch.float32)
-    assert text.startswith(f"weight grads {GEMM if want_gemm else 'native'}")
-    assert (WINOGRAD in text) == want_winograd
-    assert text.endswith(f"(auto measured gemm weight grad {float(gemm):.2f}x, Winograd "
-                         f"{float(winograd):.2f}x on one layer each, bar 1.1x)")
+    model = net()
+    use_fast_convolutions_(model, "auto", "auto", CPU, torch.float32)
+    first = {(True, True): "WinogradGemmConv2d", (False, True): "WinogradConv2d",
+             (True, False): "GemmGradConv2d", (False, False): "Conv2d"}
+    assert paths(model) == [first[want_gemm, want_winograd],
+                            *["GemmGradConv2d" if want_gemm else "Conv2d"] * 2]
+    assert describe_convolutions(model).endswith(
+        f"(auto's timings: GEMM weight grad {float(gemm):.2f}x, Winograd {float(winograd):.2f}x "
+        "on one layer each, bar 1.1x)")
+    monkeypatch.delenv(GEMM_SPEEDUP_VAR)  # and no timing where auto is off whatever it says
+    monkeypatch.delenv(WINOGRAD_SPEEDUP_VAR)
+    monkeypatch.setattr(conv_choice.time, "perf_counter", lambda: pytest.fail("timed"))
     for device, dtype in ((CPU, torch.bfloat16), (CPU, torch.float16), (CUDA, torch.float32)):
         assert resolve_conv_weight_grad("auto", device, dtype) == "native"
         assert not resolve_conv_winograd("auto", device, dtype)
-        assert describe_convolutions("auto", "auto", device, dtype) == "weight grads native"
+        model = net()
+        use_fast_convolutions_(model, "auto", "auto", device, dtype)
+        assert paths(model) == ["Conv2d"] * 3
+        assert describe_convolutions(model) == "the framework's, all 3"
+
+
+def test_auto_does_not_time_for_a_model_without_a_layer_for_it(monkeypatch):
+    """The CPU demo's quarter-width ResNet-18 (16-128 channels): nothing to time at start."""
+    monkeypatch.delenv(GEMM_SPEEDUP_VAR)
+    monkeypatch.delenv(WINOGRAD_SPEEDUP_VAR)
+    monkeypatch.setattr(conv_choice.time, "perf_counter", lambda: pytest.fail("timed"))
+    model = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.Conv2d(128, 128, 3, 2, 1))
+    use_fast_convolutions_(model, "auto", "auto", CPU, torch.float32)
+    assert paths(model) == ["Conv2d"] * 2
+    assert describe_convolutions(model) == "the framework's, all 2"
 
 
 def test_settings_are_checked_where_the_config_is_read():

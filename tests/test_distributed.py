@@ -23,7 +23,7 @@ from fastmoco import MoCo
 from fastmoco.build import init_runtime
 from fastmoco.checkpoint import list_checkpoints, load_checkpoint
 from fastmoco.config import RunConfig
-from fastmoco.conv_choice import (GEMM_SPEEDUP_VAR, WINOGRAD_SPEEDUP_VAR,
+from fastmoco.conv_choice import (GEMM_SPEEDUP_VAR, WINOGRAD_SPEEDUP_VAR, agree_on_measurements,
                                   resolve_conv_weight_grad, resolve_conv_winograd)
 from fastmoco.distributed import AnyProcess, broadcast_module_, get_world_size, shutdown
 from fastmoco.pipelines.folder import shard_indices
@@ -214,6 +214,7 @@ def _runtime_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ[GEMM_SPEEDUP_VAR] = "0.9" if rank == 0 else "1.5"
     os.environ[WINOGRAD_SPEEDUP_VAR] = "1.5" if rank == 0 else "0.9"
     rt = init_runtime(RunConfig(device="cpu", precision="fp32"))
+    agree_on_measurements("auto", "auto", rt.device, rt.dtype, rt.rank)  # as train() does
     chosen = [resolve_conv_weight_grad("auto", rt.device, rt.dtype),
               resolve_conv_winograd("auto", rt.device, rt.dtype)]
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps([rt.rank, rt.world_size, *chosen]))
@@ -222,7 +223,7 @@ def _runtime_worker(rank: int, port: int, out_dir: str) -> None:
 
 def test_ranks_take_rank_zeros_convolution_timings(tmp_path):
     """auto's convolution paths follow timings: each process would take its own, on a CPU the
-    others load, and could decide otherwise. init_runtime gives every rank rank 0's."""
+    others load, and could decide otherwise. Training gives every rank rank 0's."""
     mp.spawn(_runtime_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     assert got == [[0, WORLD, "native", True], [1, WORLD, "native", True]]

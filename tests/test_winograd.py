@@ -177,7 +177,7 @@ def test_output_layout_follows_the_input(every_call):
 
 
 def test_fallback_keeps_the_gemm_weight_gradient(monkeypatch):
-    """With both paths on (AVX2 fp32 auto), a call too small for Winograd (ResNet-50's 7×7
+    """With both paths on, a call too small for Winograd (ResNet-50's 7×7
     layer4 in sub-batches of 4: 64 tiles) computes its weight gradient by GEMM, as the layer
     would without Winograd."""
     calls = []
