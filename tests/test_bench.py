@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from fastmoco.bench.arm_reference import ReferenceArm, ReferenceMoCo
 from fastmoco.bench.arms import synthetic_batches
 from fastmoco.bench.driver import run_case
 from fastmoco.bench.measure import measure
+from fastmoco.conv_choice import GEMM_SPEEDUP_VAR, WINOGRAD_SPEEDUP_VAR
 from fastmoco.bench.phases import phase_us, profiler
 from fastmoco.config import apply_overrides, TrainConfig
 from fastmoco.kernels import infonce_loss_reference
@@ -59,6 +61,10 @@ def test_cli_smoke_every_arm_and_mode_with_sane_numbers(tiny_cifar, tmp_path):
     have_lightly = __import__("importlib").util.find_spec("lightly") is not None
     cpu = result["setting"]["cpu"]  # the CPU kind and what auto ran, as the bench saw them
     assert cpu["kind"] in res.stdout and cpu["auto_dtype"] in ("bfloat16", "float32")
+    # the convolution paths' timings, taken once before the arms spawn (conftest fixes them)
+    timed = [round(float(os.environ[v]), 2) for v in (GEMM_SPEEDUP_VAR, WINOGRAD_SPEEDUP_VAR)]
+    assert [cpu["gemm_weight_grad_speedup"], cpu["winograd_speedup"]] == timed
+    assert f"measured GEMM weight grad {timed[0]}x, Winograd {timed[1]}x" in res.stdout
     auto_fp32 = cpu["auto_dtype"] == "float32"  # then the bf16-only arms are skipped, with a note
     for arm in bench["arms"]:
         modes = bench["arm_defs"][arm]["modes"] or bench["modes"]
