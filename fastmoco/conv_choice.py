@@ -5,10 +5,11 @@ What they gain depends on how fast the CPU's own convolutions already are: on an
 direct convolutions run at about the mm rate and its weight gradients at half of it; AVX-512 and
 AMX have oneDNN's brgemm kernels. So `auto` does not assume it from the CPU kind: at start it
 times one layer each path applies to, both ways, forward and both gradients, in turns (about
-a second each), and takes a path from MIN_SPEEDUP. The figure is kept in an environment variable:
-the bench's spawned arms inherit it, a user may set it to skip the timing, and in a training
-process group `agree_on_measurements` gives every rank rank 0's. On GPUs both stay off (cuDNN chooses its own
-algorithms), and in bf16/fp16 too (both paths run fp32 and fp64 only).
+a second each), and takes a path from MIN_SPEEDUP. The figure is kept in an environment
+variable: the bench's spawned arms inherit it, a user may set it to skip the timing (0 keeps the
+path off), and in a training process group `agree_on_measurements` gives every rank rank 0's.
+On GPUs both stay off (cuDNN chooses its own algorithms), and in bf16/fp16 too (both paths run
+fp32 and fp64 only).
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fastmoco.config import CONV_WEIGHT_GRADS, CONV_WINOGRAD, choose
 from fastmoco import conv
+from fastmoco.config import CONV_WEIGHT_GRADS, CONV_WINOGRAD, choose
 from fastmoco.conv import GemmGradConv2d, gemm_eligible, use_gemm_weight_grad_, use_winograd_
 from fastmoco.distributed import broadcast_choice, get_world_size
 from fastmoco.winograd import WinogradConv2d, winograd_eligible

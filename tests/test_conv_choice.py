@@ -63,7 +63,8 @@ def test_explicit_settings_hold_on_any_device_and_dtype(monkeypatch):
 def test_auto_takes_a_path_from_its_bar_on_a_cpu_in_fp32(monkeypatch, gemm, winograd):
     measured(monkeypatch, gemm, winograd)
     want_gemm, want_winograd = (float(v) >= conv_choice.MIN_SPEEDUP for v in (gemm, winograd))
-    assert resolve_conv_weight_grad("auto", CPU, torch.float32) == ("gemm" if want_gemm else "native")
+    want = "gemm" if want_gemm else "native"
+    assert resolve_conv_weight_grad("auto", CPU, torch.float32) == want
     assert resolve_conv_winograd("auto", CPU, torch.float32) == want_winograd
     model = net()
     use_fast_convolutions_(model, "auto", "auto", CPU, torch.float32)
