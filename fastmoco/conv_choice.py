@@ -6,8 +6,9 @@ direct convolutions run at about the mm rate and its weight gradients at half of
 AMX have oneDNN's brgemm kernels. So `auto` does not assume it from the CPU kind: at start it
 times one layer each path applies to, both ways, forward and both gradients, in turns (about
 a second each), and takes a path from MIN_SPEEDUP. The figure is kept in an environment
-variable: the bench's spawned arms inherit it, a user may set it to skip the timing (0 keeps the
-path off), and in a training process group `agree_on_measurements` gives every rank rank 0's.
+variable (`device.kept_in_env`, as precision=auto's bf16 timing is): the bench's spawned arms
+inherit it, a user may set it to skip the timing (0 keeps the path off), and in a training
+process group `agree_on_measurements` gives every rank rank 0's.
 On GPUs both stay off (cuDNN chooses its own algorithms), and in bf16/fp16 too (both paths run
 fp32 and fp64 only).
 """
@@ -24,6 +25,7 @@ from torch import nn
 from fastmoco import conv
 from fastmoco.config import CONV_WEIGHT_GRADS, CONV_WINOGRAD, choose
 from fastmoco.conv import GemmGradConv2d, gemm_eligible, use_gemm_weight_grad_, use_winograd_
+from fastmoco.device import kept_in_env
 from fastmoco.distributed import broadcast_choice, get_world_size
 from fastmoco.winograd import WinogradConv2d, winograd_eligible
 
@@ -37,16 +39,19 @@ GEMM_SPEEDUP_VAR = "FASTMOCO_CPU_GEMM_WEIGHT_GRAD_SPEEDUP"
 WINOGRAD_SPEEDUP_VAR = "FASTMOCO_CPU_WINOGRAD_SPEEDUP"
 
 
-def _measured_once(var: str, layers: Callable[[], tuple[nn.Module, nn.Module, torch.Tensor]],
-                   rounds: int) -> float:
-    """The framework's time / the fast path's for one layer, forward and both gradients, timed
-    in turns after a warm-up (the best time of each: a neighbour's burst slows some calls, none
-    speeds one up); kept in `var` for the rest of the run and its child processes."""
-    if os.environ.get(var):
-        return float(os.environ[var])
+def _speedup(c_in: int, c_out: int, stride: int, size: int, swap: Callable[[nn.Module], int],
+             rounds: int) -> float:
+    """The framework's time / the fast path's (`swap` puts a layer on it) for one 3×3 layer over
+    a channels-last batch of 32 (split BN's sub-batch), forward and both gradients, timed in
+    turns after a warm-up (the best time of each: a neighbour's burst slows some calls, none
+    speeds one up)."""
     # its own random state: a run that times and one that reads the figure draw the same data
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
-        native, fast, x = layers()
+        native = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False).to(
+            memory_format=torch.channels_last)
+        fast = copy.deepcopy(native)
+        assert swap(fast) == 1
+        x = torch.randn(32, c_in, size, size).contiguous(memory_format=torch.channels_last)
         x.requires_grad_(True)
         grad_y = torch.randn_like(native(x))
 
@@ -57,35 +62,21 @@ def _measured_once(var: str, layers: Callable[[], tuple[nn.Module, nn.Module, to
 
         seconds(native), seconds(fast)  # warm-up: oneDNN's primitives, the allocator
         times = [(seconds(native), seconds(fast)) for _ in range(rounds)]
-    speedup = min(t[0] for t in times) / min(t[1] for t in times)
-    os.environ[var] = f"{speedup:.4f}"
-    return speedup
-
-
-def _layer_pair(c_in: int, c_out: int, stride: int, size: int, swap: Callable[[nn.Module], int]
-                ) -> tuple[nn.Module, nn.Module, torch.Tensor]:
-    """A 3×3 convolution, a copy of it on the fast path, and a channels-last input of 32 images
-    (split BN's sub-batch)."""
-    g = torch.Generator().manual_seed(0)
-    native = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False).to(memory_format=torch.channels_last)
-    fast = copy.deepcopy(native)
-    assert swap(fast) == 1
-    x = torch.randn(32, c_in, size, size, generator=g).contiguous(memory_format=torch.channels_last)
-    return native, fast, x
+    return min(t[0] for t in times) / min(t[1] for t in times)
 
 
 def cpu_gemm_weight_grad_speedup(rounds: int = 12) -> float:
     """The GEMM weight gradient on a 256→512 stride-2 layer over 8×8 maps (ResNet-18's
     layer4.0.conv1 at 32 px, which Winograd leaves to it), against the framework's."""
-    return _measured_once(GEMM_SPEEDUP_VAR,
-                          lambda: _layer_pair(256, 512, 2, 8, use_gemm_weight_grad_), rounds)
+    return kept_in_env(GEMM_SPEEDUP_VAR,
+                       lambda: _speedup(256, 512, 2, 8, use_gemm_weight_grad_, rounds))
 
 
 def cpu_winograd_speedup(rounds: int = 12) -> float:
     """Winograd F(2×2, 3×3) on a 256→256 layer over 8×8 maps (ResNet-18's layer3 at 32 px),
     against the framework's convolution."""
-    return _measured_once(WINOGRAD_SPEEDUP_VAR,
-                          lambda: _layer_pair(256, 256, 1, 8, use_winograd_), rounds)
+    return kept_in_env(WINOGRAD_SPEEDUP_VAR,
+                       lambda: _speedup(256, 256, 1, 8, use_winograd_, rounds))
 
 
 def _measured(device: torch.device, dtype: torch.dtype) -> bool:

@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import time
+from typing import Callable
 
 import torch
 
@@ -50,8 +51,10 @@ def cpu_bf16_speedup() -> float:
     (benchmarks/RESULTS.md). So auto decides from a measurement (~0.2 s, once per process)."""
     if not cpu_supports_bf16():
         return 0.0
-    if os.environ.get(BF16_SPEEDUP_VAR):  # decided once per run, shared with child processes
-        return float(os.environ[BF16_SPEEDUP_VAR])
+    return kept_in_env(BF16_SPEEDUP_VAR, _time_bf16_against_fp32)
+
+
+def _time_bf16_against_fp32() -> float:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 64, 16, 16, generator=g).contiguous(memory_format=torch.channels_last)
     w = torch.randn(64, 64, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
@@ -68,9 +71,18 @@ def cpu_bf16_speedup() -> float:
         return min(times[1:])
 
     with torch.no_grad():
-        speedup = best(torch.float32) / best(torch.bfloat16)
-    os.environ[BF16_SPEEDUP_VAR] = f"{speedup:.4f}"  # spawned arms and workers agree with us
-    return speedup
+        return best(torch.float32) / best(torch.bfloat16)
+
+
+def kept_in_env(var: str, measure: Callable[[], float]) -> float:
+    """A start-up timing taken once per run: `var` keeps it for this process's later calls and
+    for its child processes (the bench's spawned arms, workers), which then agree with it; a
+    user may set `var` to skip the timing."""
+    if os.environ.get(var):
+        return float(os.environ[var])
+    value = measure()
+    os.environ[var] = f"{value:.4f}"
+    return value
 
 
 def cpu_prefers_bf16() -> bool:
