@@ -17,7 +17,7 @@ AVX2_CAPS  := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRU
 AVX2_TESTS := tests/test_device.py tests/test_distributed.py tests/test_model.py tests/test_train.py \
 	tests/test_eval.py tests/test_knn_distributed.py
 
-.PHONY: setup train test test-avx2 soak bench clean
+.PHONY: setup train test test-avx2 soak bench results clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,9 +27,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job: MoCo v2 + ResNet-18 on CIFAR-10 (experiment=cifar10_moco_v2, or cpu_demo). On a GPU the CIFAR
-# recipe (200 epochs); on a CPU the short demo schedule (about 10 minutes), ending with the kNN
-# accuracy against the same network at random init.
+# The main job: MoCo v2 + ResNet-18 on CIFAR-10. On a GPU the CIFAR recipe (experiment=cifar10_moco_v2,
+# 200 epochs); on a CPU the demo (experiment=cpu_demo, about 10 minutes), ending with the linear
+# probe and the kNN accuracy against the same network at random init.
 train: setup
 	@if $(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; \
 	then exp=cifar10_moco_v2; else exp=cpu_demo; fi; \
@@ -49,6 +49,10 @@ soak: setup
 
 bench: setup
 	$(BIN)/fastmoco bench $(ARGS)
+
+# docs/results.md from the benchmarks' JSON under benchmarks/results/ (a bench run writes them).
+results:
+	$(PYTHON) benchmarks/make_results.py
 
 clean:
 	rm -rf $(VENV) runs outputs

@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from fastmoco.build import build_trainer, local_runtime
+from fastmoco.runtime import local_runtime
+from fastmoco.training.trainer import build_trainer
 from fastmoco.config import TrainConfig, apply_overrides
 from fastmoco.data import SyntheticTwoViewLoader
 from fastmoco.device import describe_cpu
-from fastmoco.periodic import PeriodicCheckpoints
-from fastmoco.progress import Progress
+from fastmoco.training.checkpointing import PeriodicCheckpoints
+from fastmoco.training.position import RunPosition
 
 BENCH_YAML = Path(__file__).resolve().parent.parent / "fastmoco" / "conf" / "bench.yaml"
 
@@ -50,7 +51,7 @@ def main() -> None:
         trainer = build_trainer(cfg, rt, steps=10_000)
         b = cfg.schedule.batch_size
         x_q, x_k = next(iter(SyntheticTwoViewLoader(b, b, 32, rt.device, rt.dtype, True, 0)))
-        progress = Progress(total_steps=10**9)
+        progress = RunPosition(total_steps=10**9)
         checkpoints = PeriodicCheckpoints(trainer, progress, cfg, None, steps_per_epoch=10**9)
 
         def steps(minutes: float, checkpointing: bool) -> list[dict]:

@@ -14,15 +14,15 @@ import time
 
 import torch
 
-from fastmoco.build import Runtime
+from fastmoco.runtime import Runtime
 from fastmoco.config import DataConfig, PipelineConfig
 from fastmoco.data import resolve_pipeline, split_files
 from fastmoco.device import autocast, describe_cpu, resolve_precision
-from fastmoco.evaluate import extract
+from fastmoco.evaluation.commands import extract
 from fastmoco.pipelines import build_eval_loader
 from fastmoco.pipelines.recipes import get_recipe
-from fastmoco.probe import linear_probe
-from fastmoco.weights import load_backbone
+from fastmoco.evaluation.probe import linear_probe
+from fastmoco.weights.load import load_backbone
 
 
 def forward_rate(backbone, rt: Runtime, batch: int, size: int, images: int) -> float:

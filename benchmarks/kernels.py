@@ -23,11 +23,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fastmoco.bench.results import default_command, write_result
 from fastmoco.device import cpu_kind
 from fastmoco.kernels import ema_update_, flatten_parameters_, infonce_loss
 from fastmoco.kernels.reference import ema_update_reference_, infonce_loss_reference
 
 OUT = Path(__file__).resolve().parent / "out"
+RESULTS = Path(__file__).resolve().parent / "results"
 _LIBC = ctypes.CDLL("libc.so.6") if platform.system() == "Linux" else None
 
 
@@ -248,6 +250,32 @@ def main() -> None:
     (OUT / "kernels.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     plot(rows, OUT / "kernels.png")
     print(f"wrote {OUT / 'kernels.json'} and {OUT / 'kernels.png'}")
+    record(rows, device, args.quick)
+
+
+def record(rows: list[dict], device: torch.device, quick: bool) -> None:
+    """The figures as benchmarks/results/ keeps them: one table for the loss, one for the EMA."""
+    note = f"median of timed repetitions in turns; {torch.get_num_threads()} threads" + (
+        "; --quick sizes" if quick else "")
+    loss = [r for r in rows if r["bench"] == "infonce"]
+    if loss:
+        eager = {(r["N"], r["C"], r["K"], r["dtype"]): r["ms"] for r in loss if r["provider"] == "eager"}
+        table = [[r["N"], r["C"], r["K"], r["dtype"], r["provider"], r["ms"],
+                  eager[r["N"], r["C"], r["K"], r["dtype"]] / r["ms"], r["peak_extra_mib"], r["floor_ms"]]
+                 for r in loss]
+        print("results:", write_result(
+            "kernels", "infonce_fwd_bwd", ["N", "C", "K", "dtype", "provider", "ms", "eager / this",
+                                          "peak extra MiB", "floor ms"], table,
+            command=default_command(), notes=[note, "floor: the larger of FLOPs at the measured "
+                                              "matmul rate and bytes at the measured copy rate"],
+            device_type=device.type, out_dir=RESULTS))
+    ema = [r for r in rows if r["bench"] == "ema"]
+    if ema:
+        table = [[r["model"], r["params"], r["provider"], r["ms"], r["gbps"]] for r in ema]
+        print("results:", write_result(
+            "kernels", "ema", ["model", "params", "provider", "ms", "GB/s"], table,
+            command=default_command(), notes=[note, "copy: one copy of the flat buffer, the floor"],
+            device_type=device.type, out_dir=RESULTS))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fastmoco.bench.results import default_command, write_result
 from fastmoco.pipelines import build_train_loader, get_recipe, scan_image_folder
 from fastmoco.pipelines.folder import ENV_VAR
 
@@ -88,6 +89,13 @@ def main() -> None:
         print(f"| {r['case']} | {r['kind']} | {r['device']} | {r['images_per_s']:.1f} |")
     for name, ratio in sorted(result["dali_cpu_over_torchvision"].items()):
         print(f"DALI CPU / torchvision ({name}): {ratio:.2f}x")
+    table = [[r["case"], r["kind"], r["device"], r["workers"], r["images_per_s"]] for r in rows]
+    print("results:", write_result(
+        "pipelines", "two_view", ["case", "pipeline", "device", "workers", "two-view images/s"],
+        table, command=default_command(), device_type="cuda" if cuda else "cpu",
+        notes=[f"{args.seconds:g} s timed per case after a warm-up; batches of 256 (CIFAR, 32 px) "
+               f"and 64 (ImageNet samples replicated to {args.imagenet_files} files, 224 px, v2 "
+               f"recipe)"], out_dir=Path(__file__).parent / "results"))
 
 
 if __name__ == "__main__":

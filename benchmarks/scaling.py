@@ -233,13 +233,13 @@ def _written() -> int:
 
 def _measure_worker(rank: int, world: int, port: int, steps: int, batch: int, shuffle: str,
                     result) -> None:
-    import fastmoco.model
+    import fastmoco.methods.moco
     from fastmoco import MoCo
     from fastmoco.distributed import batch_shuffle_all_gather, batch_unshuffle_all_gather
 
     if shuffle == "all_gather":  # the paper's version, kept as the reference
-        fastmoco.model.batch_shuffle = batch_shuffle_all_gather
-        fastmoco.model.batch_unshuffle = batch_unshuffle_all_gather
+        fastmoco.methods.moco.batch_shuffle = batch_shuffle_all_gather
+        fastmoco.methods.moco.batch_unshuffle = batch_unshuffle_all_gather
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # one core per process: the same work per process at any W
     if world > 1:

@@ -12,7 +12,7 @@ import time
 import torch
 
 from fastmoco.backbone import create_backbone
-from fastmoco.batchnorm import convert_split_bn_, forward_in_splits, split_norms
+from fastmoco.methods.batchnorm import convert_split_bn_, forward_in_splits, split_norms
 from fastmoco.device import cpu_kind
 
 

@@ -3,8 +3,8 @@ process and timed in turns (A, B, A, B, ...), so that a load from other processe
 clock speed reaches every variant alike. Reports median and min step time, and each variant's
 speed relative to the first.
 
-    python benchmarks/step_ab.py --reps 8 native: run.conv_weight_grad=native \\
-        gemm: run.conv_weight_grad=gemm
+    python benchmarks/step_ab.py --reps 8 cl: run.channels_last=true \\
+        nchw: run.channels_last=false
 
 Default case: the bench's r18_cifar (MoCo v2, ResNet-18 CIFAR stem, 32 px, batch 256, K 4096,
 split BN 8), fp32, synthetic inputs.
@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from fastmoco.build import build_trainer, local_runtime
+from fastmoco.runtime import local_runtime
+from fastmoco.training.trainer import build_trainer
 from fastmoco.config import TrainConfig, apply_overrides
 from fastmoco.data import SyntheticTwoViewLoader
 from fastmoco.device import cpu_kind
@@ -61,11 +62,11 @@ def parse_variants(words: list[str]) -> dict[str, list[str]]:
             name = w[:-1]
             variants[name] = []
         elif name is None:
-            raise SystemExit(f"{w!r}: start with a variant name followed by a colon, e.g. 'native:'")
+            raise SystemExit(f"{w!r}: start with a variant name followed by a colon, e.g. 'cl:'")
         else:
             variants[name].append(w)
     if len(variants) < 2:
-        raise SystemExit("give at least two variants, e.g. 'a: run.conv_weight_grad=native b:'")
+        raise SystemExit("give at least two variants, e.g. 'a: run.channels_last=false b:'")
     return variants
 
 

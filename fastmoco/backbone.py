@@ -17,8 +17,6 @@ def create_backbone(name: str, *, cifar_stem: bool = False, pos_embed: str = "le
     """A timm model without classifier (its forward returns pooled features of `num_features`).
 
     `cifar_stem` swaps a ResNet's 7×7/2 conv + max-pool for a 3×3/1 conv, as in the MoCo CIFAR demo.
-    `stem_width`, timm's argument, which its single-conv ResNet stem ignores, sets that stem's
-    width here (either stem); timm's deep stems take it themselves.
     `pos_embed="sincos"` and `freeze_patch_embed` make a ViT as MoCo v3 trains it.
     """
     if not timm.is_model(name):
@@ -28,72 +26,22 @@ def create_backbone(name: str, *, cifar_stem: bool = False, pos_embed: str = "le
             f"e.g. {', '.join(close) or 'resnet18, resnet50, vit_small_patch16_224'}"
         )
     model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-    width = kwargs.get("stem_width")
     if cifar_stem:
-        apply_cifar_stem(model, width)
-    elif width and isinstance(getattr(model, "conv1", None), nn.Conv2d) and \
-            model.conv1.out_channels != width:
-        model.conv1 = _rewidth(model.conv1, out_channels=width)
-        _narrow_stem(model, width)
+        apply_cifar_stem(model)
     adapt_vit_(model, pos_embed=pos_embed, freeze_patch_embed=freeze_patch_embed)
     return model
 
 
-def apply_cifar_stem(model: nn.Module, width: int | None = None) -> None:
-    """3×3 stride-1 first conv and no max-pool, for 32-px inputs (ResNet family only).
-
-    `width` (default: the model's, 64 in timm) sets the stem's channels, so that a narrow network
-    (`channels=[16, 32, 64, 128]`) can have a stem as narrow as its first stage: layer1's first
-    block then takes `width` channels in, with an identity shortcut where its input and output
-    match, as timm builds a ResNet whose stem is as wide as its first stage.
-    """
+def apply_cifar_stem(model: nn.Module) -> None:
+    """3×3 stride-1 first conv and no max-pool, for 32-px inputs (ResNet family only)."""
     conv1 = getattr(model, "conv1", None)
     if not isinstance(conv1, nn.Conv2d) or not hasattr(model, "maxpool"):
         raise ValueError(
             f"backbone.cifar_stem=true needs a ResNet-style model with conv1 and maxpool; "
             f"{type(model).__name__} has none: set backbone.cifar_stem=false"
         )
-    width = width or conv1.out_channels
-    model.conv1 = nn.Conv2d(conv1.in_channels, width, 3, 1, 1, bias=False)
+    model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, 1, 1, bias=False)
     model.maxpool = nn.Identity()
-    if width != conv1.out_channels:
-        _narrow_stem(model, width)
-
-
-def _narrow_stem(model: nn.Module, width: int) -> None:
-    bn1, block = getattr(model, "bn1", None), getattr(model, "layer1", [None])[0]
-    first = getattr(block, "conv1", None)
-    if not isinstance(bn1, nn.BatchNorm2d) or not isinstance(first, nn.Conv2d):
-        raise ValueError(f"backbone.kwargs.stem_width={width} needs a timm ResNet (bn1 and "
-                         f"layer1[0].conv1); {type(model).__name__} is not one: leave stem_width "
-                         f"out")
-    model.bn1 = type(bn1)(width, eps=bn1.eps, momentum=bn1.momentum)
-    block.conv1 = _rewidth(first, in_channels=width)
-    down = block.downsample
-    out = block.conv3.out_channels if hasattr(block, "conv3") else block.conv2.out_channels
-    if width == out and first.stride == (1, 1):
-        block.downsample = None
-    elif down is not None:
-        down[0] = _rewidth(down[0], in_channels=width)
-    else:  # timm gave the block an identity shortcut (64 in, 64 out): a projection, as timm's
-        block.downsample = nn.Sequential(
-            _timm_init(nn.Conv2d(width, out, 1, first.stride, bias=False)),
-            type(bn1)(out, eps=bn1.eps, momentum=bn1.momentum))
-
-
-def _rewidth(conv: nn.Conv2d, *, in_channels: int | None = None,
-             out_channels: int | None = None) -> nn.Conv2d:
-    """`conv` with other input or output channels, its geometry kept, timm-initialised."""
-    return _timm_init(nn.Conv2d(in_channels or conv.in_channels, out_channels or conv.out_channels,
-                                conv.kernel_size, conv.stride, conv.padding,
-                                bias=conv.bias is not None))
-
-
-def _timm_init(conv: nn.Conv2d) -> nn.Conv2d:
-    """The init timm's ResNet gives the convolutions it builds (the replaced ones are no
-    different)."""
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    return conv
 
 
 def feature_dim(backbone: nn.Module) -> int:

@@ -9,7 +9,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from fastmoco.config import EvalConfig, from_hydra
+from fastmoco.config import from_hydra
+from fastmoco.evaluation.config import EvalConfig
 from fastmoco.distributed import is_main_process, shutdown
 
 USAGE = """usage: fastmoco {train,bench,eval linear,eval knn,export} [overrides ...]
@@ -30,7 +31,7 @@ USAGE = """usage: fastmoco {train,bench,eval linear,eval knn,export} [overrides 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def train_main(cfg: DictConfig) -> None:
-    from fastmoco.train import train
+    from fastmoco.training.loop import train
 
     summary = train(from_hydra(cfg))
     if is_main_process():
@@ -40,7 +41,7 @@ def train_main(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def eval_linear_main(cfg: DictConfig) -> None:
-    from fastmoco.evaluate import linear
+    from fastmoco.evaluation.commands import linear
 
     summary = linear(from_hydra(cfg, EvalConfig))
     if is_main_process():
@@ -50,7 +51,7 @@ def eval_linear_main(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def eval_knn_main(cfg: DictConfig) -> None:
-    from fastmoco.evaluate import knn
+    from fastmoco.evaluation.commands import knn
 
     summary = knn(from_hydra(cfg, EvalConfig))
     if is_main_process():
@@ -61,7 +62,10 @@ def eval_knn_main(cfg: DictConfig) -> None:
 
 def _stopped(summary: dict) -> bool:
     """Say so when a run stopped early on a signal (training and evaluation alike)."""
-    if summary.get("stopped"):
+    if summary.get("stopped") and summary.get("reason", "").startswith("schedule.stop_at_step"):
+        print(f"stopped at step {summary['step']} ({summary['reason']}); run again with a later "
+              f"schedule.stop_at_step, or schedule.stop_at_step=null, to go on")
+    elif summary.get("stopped"):
         print(f"stopped at step {summary['step']}; run the same command again to resume")
     return bool(summary.get("stopped"))
 
@@ -79,22 +83,20 @@ def print_summary(summary: dict) -> None:
         return
     print(f"done: {summary['step']} steps, {summary['images_per_s']:.1f} images/s, "
           f"last loss {summary['loss']:.4f}, pretext top-1 {summary['pretext_top1']:.1f}%")
-    before, after = summary.get("knn_init"), summary.get("knn_final")
-    if after is not None:
-        line = f"kNN top-1 on the test split: {after:.2f}% after pretraining"
+    # The paper judges a representation by a linear classifier on it: that figure first.
+    for name, what in (("probe", "linear probe (cached features)"), ("knn", "kNN")):
+        before, after = summary.get(f"{name}_init"), summary.get(f"{name}_final")
+        if after is None:
+            continue
+        line = f"{what} top-1 on the test split: {after:.2f}% after pretraining"
         if before is not None:
-            calibrated = summary.get("knn_init_bn_images")
-            how = (f", its BN statistics re-estimated on {calibrated} train images" if calibrated
-                   else ", torch's default BN statistics")
-            line += f" vs {before:.2f}% at random init{how} ({after - before:+.2f} points)"
+            line += f" vs {before:.2f}% at random init ({after - before:+.2f} points)"
         print(line)
-    probe_before, probe_after = summary.get("probe_init"), summary.get("probe_final")
-    if probe_after is not None:
-        line = f"cached linear probe top-1 on the test split: {probe_after:.2f}% after pretraining"
-        if probe_before is not None:
-            line += (f" vs {probe_before:.2f}% at random init, same BN calibration "
-                     f"({probe_after - probe_before:+.2f} points)")
-        print(line)
+    calibrated = summary.get("knn_init_bn_images")
+    if summary.get("knn_init") is not None:
+        print("random init: the same network, " + (
+            f"its BN statistics re-estimated on {calibrated} train images" if calibrated
+            else "torch's default BN statistics"))
     if summary.get("skipped_files"):
         print(f"skipped {summary['skipped_files']} unreadable files (see the log)")
 
@@ -102,7 +104,7 @@ def print_summary(summary: dict) -> None:
 def method_linear_preset(overrides: list[str]) -> list[str]:
     """`linear=<preset>` of the checkpoint's pretraining method (BYOL's, SimSiam's, MoCo v3's
     protocol) when the command line chooses no linear preset; [] otherwise."""
-    from fastmoco.weights import linear_preset_for
+    from fastmoco.weights.load import linear_preset_for
 
     if any(o.lstrip("+~").split("=")[0].split("@")[0] == "linear" for o in overrides):
         return []
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "eval knn":
         eval_knn_main()
     elif command == "export":
-        from fastmoco.export import run
+        from fastmoco.weights.export import run
 
         run(rest)
     else:

@@ -32,12 +32,6 @@ POS_EMBEDS = ("learned", "sincos")
 KNN_FEATURES = ("head", "backbone")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 COMPILE = ("auto", "on", "off")
-CONV_WEIGHT_GRADS = ("auto", "native", "gemm")  # fastmoco/conv_choice.py
-CONV_WINOGRAD = ("auto", "on", "off")  # fastmoco/conv_choice.py
-LINEAR_MODES = ("full", "cached")
-LINEAR_VIEWS = ("rrc", "pad_crop")
-LINEAR_OPTIMIZERS = ("sgd", "lars")
-ENCODERS = ("query", "key")
 
 
 def choose(setting: str, value: Any, choices: tuple) -> None:
@@ -212,10 +206,15 @@ class ScheduleConfig:
     lr_schedule: str = "cosine"  # cosine | step | constant
     milestones: tuple[float, ...] = (0.6, 0.8)  # fractions of training, for step
     warmup_epochs: float = 0.0
-    max_steps: Optional[int] = None  # stop early (smoke tests, benchmarks)
+    # The schedules' length in steps, instead of epochs × steps per epoch: a whole (short)
+    # schedule, for smoke tests and benchmarks.
+    steps: Optional[int] = None
+    # Stop after this step with a checkpoint, the schedules left as they are: run the same command
+    # with a later step, or null, to go on to the end.
+    stop_at_step: Optional[int] = None
     time_budget_min: Optional[float] = None  # size the run to this many minutes of pretraining
     # Candidate sizes (dotted overrides, largest first) for a time-budgeted run: the first whose
-    # measured step gives min_steps within the budget is used, else the last (fastmoco.autosize).
+    # measured step gives min_steps within the budget is used, else the last (fastmoco.training.autosize).
     sizes: list[list[str]] = field(default_factory=list)
     min_steps: int = 0
 
@@ -224,6 +223,10 @@ class ScheduleConfig:
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError(f"schedule.batch_size={self.batch_size}, schedule.epochs="
                              f"{self.epochs}: both must be at least 1")
+        for name in ("steps", "stop_at_step"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"schedule.{name}={value}: choose a positive step, or null")
         if self.sizes and (not self.time_budget_min or self.min_steps <= 0):
             raise ValueError("schedule.sizes needs schedule.time_budget_min and a positive "
                              "schedule.min_steps: set both, or schedule.sizes=[]")
@@ -245,7 +248,7 @@ class KnnConfig:
     # data's statistics. 0: the default statistics.
     init_bn_calibration_images: int = 2560
     batch_size: int = 512
-    # At init and at the end, also fit the cached linear probe (fastmoco.probe) on the same
+    # At init and at the end, also fit the cached linear probe (fastmoco.evaluation.probe) on the same
     # train and test features: the linear figure of the run next to its kNN.
     linear_probe: bool = False
 
@@ -271,21 +274,13 @@ class RunConfig:
     channels_last: bool = True
     compile: str = "auto"  # auto | on | off
     compile_min_steps: int = 2000  # auto: compile only when the run is at least this long
-    # How convolutions compute their weight gradient: native (the framework's kernel), gemm
-    # (im2col + GEMM on maps up to 8x8 from 256+ channels, fastmoco/conv.py) or auto (gemm on a
-    # CPU in fp32 where one such layer measures >= 1.1x faster by it at start; conv_choice.py).
-    conv_weight_grad: str = "auto"
-    # 3x3 stride-1 convolutions of 256+ channels by Winograd F(2x2,3x3) (fastmoco/winograd.py):
-    # on, off or auto (on a CPU in fp32 where one such layer measures >= 1.1x faster by it at
-    # start, about a second; off on GPUs and in bf16/fp16).
-    conv_winograd: str = "auto"
     loss_backend: str = "auto"
     ema_backend: str = "auto"
     seed: int = 0
     log_every: int = 20
     checkpoint_every_epochs: int = 1
     # Also checkpoint every this many steps / minutes (null: off). Written in the background; a
-    # step loses only the copy of the state into host memory (fastmoco/periodic.py).
+    # step loses only the copy of the state into host memory (fastmoco/training/checkpointing.py).
     checkpoint_every_steps: Optional[int] = None
     checkpoint_every_min: Optional[float] = None
     keep_checkpoints: int = 2  # at least 2: a resume falls back to the one before an unreadable one
@@ -296,9 +291,6 @@ class RunConfig:
         self.compile = _on_off(self.compile)
         choose("run.compile", self.compile, COMPILE)
         choose("run.precision", self.precision, PRECISIONS)
-        choose("run.conv_weight_grad", self.conv_weight_grad, CONV_WEIGHT_GRADS)
-        self.conv_winograd = _on_off(self.conv_winograd)
-        choose("run.conv_winograd", self.conv_winograd, CONV_WINOGRAD)
         if self.log_every < 1 or self.checkpoint_every_epochs < 1:
             raise ValueError(f"run.log_every={self.log_every}, run.checkpoint_every_epochs="
                              f"{self.checkpoint_every_epochs}: both must be at least 1")
@@ -371,94 +363,6 @@ class TrainConfig:
                              f"(v3, BYOL and SimSiam have one): set optim.fix_predictor_lr=false")
 
 
-@dataclass
-class LinearConfig:
-    """The linear protocol: a linear classifier on the frozen backbone, BatchNorm in eval mode.
-    The defaults are the MoCo authors' main_lincls (v1/v2); conf/linear/ holds the v3, BYOL,
-    SimSiam and CIFAR presets."""
-
-    mode: str = "full"  # full: the protocol on augmented views | cached: features extracted once
-    epochs: int = 100
-    batch_size: int = 256  # global
-    lr: float = 30.0
-    base_batch: Optional[int] = 256  # lr is per this many images
-    # sgd | lars: LARS (fastmoco/optim.py) over the classifier's weight and bias, both adapted,
-    # as SimSiam's main_lincls wraps them in apex's LARC (trust coefficient 0.001, no clipping).
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    nesterov: bool = False  # sgd only: BYOL's protocol uses Nesterov momentum
-    weight_decay: float = 0.0
-    lr_schedule: str = "step"  # step: x0.1 at the milestones (epochs 60 and 80 of 100)
-    milestones: tuple[float, ...] = (0.6, 0.8)
-    train_view: str = "rrc"  # rrc: RandomResizedCrop + flip | pad_crop: RandomCrop, padding 4, + flip
-    eval_every_epochs: int = 10
-    # cached mode: (lr, weight decay) swept on a held-out part of the train split
-    holdout: float = 0.1
-    cached_epochs: int = 30
-    max_train_images: Optional[int] = None  # a random subset of the train split
-
-    def __post_init__(self) -> None:
-        choose("linear.mode", self.mode, LINEAR_MODES)
-        choose("linear.optimizer", self.optimizer, LINEAR_OPTIMIZERS)
-        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
-            raise ValueError(f"linear.nesterov=true with linear.optimizer={self.optimizer}, "
-                             f"linear.momentum={self.momentum}: Nesterov momentum needs "
-                             f"linear.optimizer=sgd and a positive linear.momentum, or set "
-                             f"linear.nesterov=false")
-        choose("linear.lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        choose("linear.train_view", self.train_view, LINEAR_VIEWS)
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError(f"linear.epochs={self.epochs}, linear.batch_size={self.batch_size}, "
-                             f"linear.lr={self.lr}: all must be positive")
-        if not 0.0 < self.holdout < 1.0:
-            raise ValueError(f"linear.holdout={self.holdout}: choose a fraction in (0, 1)")
-        if self.eval_every_epochs < 1 or self.cached_epochs < 1:
-            raise ValueError(f"linear.eval_every_epochs={self.eval_every_epochs}, linear.cached_epochs="
-                             f"{self.cached_epochs}: both must be at least 1")
-
-    def lr_for(self, batch_size: int) -> float:
-        return self.lr * (batch_size / self.base_batch if self.base_batch else 1.0)
-
-
-@dataclass
-class EvalConfig:
-    """`fastmoco eval linear|knn`: a pretrained backbone judged on a labelled dataset."""
-
-    # A run directory (its newest checkpoint), a checkpoint file, an export directory
-    # (fastmoco export format=timm), or a timm model name (random init: the baseline).
-    checkpoint: str = ""
-    encoder: str = "query"  # query (what the authors keep) | key
-    name: Optional[str] = None  # the timm backbone expected: a checkpoint of another one stops
-    # For a timm name (random init): the architecture the pretrained run used, e.g.
-    # cifar_stem=true '+backbone_kwargs.channels=[16,32,64,128]' for the CPU demo's network.
-    cifar_stem: bool = False
-    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    # Re-estimate the backbone's BatchNorm statistics on this many train images (centre crops, no
-    # weight update) before it is frozen: for a random-init baseline, whose default statistics
-    # (mean 0, var 1) would understate it. 0: keep the backbone's own statistics.
-    bn_calibration_images: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-    linear: LinearConfig = field(default_factory=LinearConfig)
-    knn: KnnConfig = field(default_factory=KnnConfig)
-    run: RunConfig = field(default_factory=lambda: RunConfig(dir="runs/eval"))
-
-    def __post_init__(self) -> None:
-        choose("encoder", self.encoder, ENCODERS)
-        if not self.checkpoint:
-            raise ValueError("checkpoint= is missing: a run directory, a checkpoint file, an "
-                             "export directory, or a timm name (e.g. checkpoint=resnet50 for the "
-                             "random-init baseline)")
-
-    def check(self, world_size: int = 1) -> None:
-        if self.linear.batch_size % world_size:
-            raise ValueError(f"linear.batch_size={self.linear.batch_size} is not divisible by the "
-                             f"{world_size} processes: use a multiple of {world_size}")
-        if not self.data.eval_split:
-            raise ValueError("data.eval_split is null: name the labelled split to evaluate on "
-                             "(e.g. data.eval_split=val)")
-
-
 def default_data_root(name: str) -> Optional[Path]:
     """$FASTMOCO_DATA (the dataset folder itself), else ../shared/data/<name> beside the project."""
     env = os.environ.get("FASTMOCO_DATA")
@@ -500,7 +404,6 @@ def register_schema(name: str, node: type) -> None:
 
 
 register_schema("train", TrainConfig)
-register_schema("eval", EvalConfig)
 
 
 def from_hydra(cfg: Any, schema: type = TrainConfig) -> Any:

@@ -10,11 +10,12 @@ from typing import Iterable, Iterator, NamedTuple, Optional
 
 import torch
 
-from fastmoco.config import DataConfig, PipelineConfig, default_data_root
+from fastmoco.config import DataConfig, PipelineConfig, TrainConfig, default_data_root
 from fastmoco.pipelines import build_eval_loader, build_labelled_train_loader, build_train_loader
 from fastmoco.pipelines.folder import ImageList, scan_image_folder
 from fastmoco.pipelines.recipes import get_linear_recipe, get_recipe
 from fastmoco.pipelines.webdataset import ShardList, is_webdataset, scan_webdataset
+from fastmoco.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ class FeatureLoaders(NamedTuple):
 
 def build_feature_loaders(cfg, rt, batch_size: int = 256) -> FeatureLoaders:
     """Centre crops of both splits, split over the processes: for features extracted once (the
-    cached probe, `fastmoco eval knn`). `cfg` is an EvalConfig, `rt` a build.Runtime."""
+    cached probe, `fastmoco eval knn`). `cfg` is an EvalConfig, `rt` a Runtime."""
     data = cfg.data
     train, test = labelled_splits(data, cfg.run.seed, cfg.linear.max_train_images, None)
     mean_std = get_recipe(data.recipe, data.image_size).query
@@ -193,7 +194,7 @@ class LinearLoaders(NamedTuple):
 
 
 def build_linear_loaders(cfg, rt) -> LinearLoaders:
-    """The linear protocol's loaders (`cfg` an EvalConfig, `rt` a build.Runtime): RandomResizedCrop
+    """The linear protocol's loaders (`cfg` an EvalConfig, `rt` a Runtime): RandomResizedCrop
     + flip, or RandomCrop with padding 4 + flip (linear.train_view), and the eval centre crops."""
     data, lc = cfg.data, cfg.linear
     train, test = labelled_splits(data, cfg.run.seed, lc.max_train_images, None)
@@ -223,3 +224,11 @@ def build_calibration_loader(cfg, rt, batch_size: int = 256) -> Iterable:
                              mean_std.std, batch_size, device=rt.device, dtype=rt.dtype,
                              channels_last=cfg.run.channels_last,
                              num_workers=num_workers(cfg.pipeline, rt.world_size))
+
+
+def build_loader(cfg: TrainConfig, rt: Runtime):
+    """The two-view pretraining loader of this process (its share of the global batch)."""
+    return build_pretrain_loader(
+        cfg.data, cfg.pipeline, cfg.schedule.batch_size // rt.world_size, device=rt.device,
+        dtype=rt.dtype, channels_last=cfg.run.channels_last, rank=rt.rank,
+        world_size=rt.world_size, seed=cfg.run.seed)

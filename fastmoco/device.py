@@ -6,7 +6,6 @@ import functools
 import logging
 import os
 import time
-from typing import Callable
 
 import torch
 
@@ -36,22 +35,19 @@ def cpu_supports_bf16() -> bool:
 
 # auto picks bf16 on a CPU only when it measures at least this much faster than fp32.
 BF16_MIN_SPEEDUP = 1.2
-# The measured speedup, once per run: set by the first measurement, read by child processes (the
-# bench's arms); a user may set it to skip the measurement (e.g. 0 forces fp32 under auto).
-BF16_SPEEDUP_VAR = "FASTMOCO_CPU_BF16_SPEEDUP"
 
 
 @functools.lru_cache(maxsize=None)
 def cpu_bf16_speedup() -> float:
     """fp32 time / bf16 time of a small conv + matmul on this CPU (0.0 without native bf16).
 
-    Native bf16 is not always the fast path: on an AMD EPYC (AVX512-BF16) bf16 matmuls measured
-    4.3x fp32, but an Intel Xeon VM that also reports AVX512-BF16 (no AMX) measured them at 0.4x
-    fp32 and convolutions at 0.7x
-    (benchmarks/RESULTS.md). So auto decides from a measurement (~0.2 s, once per process)."""
+    Native bf16 is not always the fast path: some CPUs that report AVX512-BF16 without AMX run
+    bf16 matmuls and convolutions slower than fp32. So auto decides from a
+    measurement (~0.2 s, once per process; a process group and the bench take one process's
+    decision, see runtime.init_runtime and bench.driver.decide_precision)."""
     if not cpu_supports_bf16():
         return 0.0
-    return kept_in_env(BF16_SPEEDUP_VAR, _time_bf16_against_fp32)
+    return _time_bf16_against_fp32()
 
 
 def _time_bf16_against_fp32() -> float:
@@ -72,17 +68,6 @@ def _time_bf16_against_fp32() -> float:
 
     with torch.no_grad():
         return best(torch.float32) / best(torch.bfloat16)
-
-
-def kept_in_env(var: str, measure: Callable[[], float]) -> float:
-    """A start-up timing taken once per run: `var` keeps it for this process's later calls and
-    for its child processes (the bench's spawned arms, workers), which then agree with it; a
-    user may set `var` to skip the timing."""
-    if os.environ.get(var):
-        return float(os.environ[var])
-    value = measure()
-    os.environ[var] = f"{value:.4f}"
-    return value
 
 
 def cpu_prefers_bf16() -> bool:
@@ -117,7 +102,7 @@ def cpu_kind() -> str:
 
 
 def describe_cpu() -> dict[str, object]:
-    """What RESULTS.md and the bench table print beside each CPU figure."""
+    """What the bench and the results files record beside each CPU figure."""
     flags = cpu_flags()
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
     return {"kind": cpu_kind(), "aten_capability": torch.backends.cpu.get_cpu_capability(),
@@ -131,6 +116,14 @@ def describe_cpu() -> dict[str, object]:
 # How the suite and the benchmarks make an AVX-512 machine compute as an AVX2-only one
 # (ATen's vector kernels, oneDNN's convolutions, MKL's GEMM); `make test-avx2` sets them.
 ISA_CAP_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # run.precision
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """The run.precision value of a dtype: bf16, fp16 or fp32."""
+    return next(name for name, d in DTYPES.items() if d == dtype)
 
 
 def resolve_precision(name: str, device: torch.device,
@@ -149,10 +142,9 @@ def resolve_precision(name: str, device: torch.device,
             log.info("precision auto: fp32, as bf16 measured %.2fx fp32 on this CPU (%s)",
                      cpu_bf16_speedup(), cpu_kind())
         return torch.float32
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if name not in table:
+    if name not in DTYPES:
         raise ValueError(f"run.precision={name!r}: choose auto, bf16, fp16 or fp32")
-    dtype = table[name]
+    dtype = DTYPES[name]
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_supports_bf16():
         message = (f"run.precision=bf16 but this CPU ({cpu_kind()}) has no native bf16 "
                    f"(AVX512-BF16 or AMX): bf16 is emulated here, about 7x slower than fp32")

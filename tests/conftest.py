@@ -9,19 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmoco.conv_choice import GEMM_SPEEDUP_VAR, WINOGRAD_SPEEDUP_VAR
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 CIFAR = Path(os.environ.get("FASTMOCO_TEST_CIFAR", SHARED / "cifar10"))
 IMAGENET_SAMPLES = SHARED / "imagenet-samples"
-
-# run.conv_weight_grad=auto and run.conv_winograd=auto time their paths against the framework's
-# once per process (fastmoco/conv_choice.py). The suite fixes those timings so that the processes
-# of one test (a run and its resume, the bench's arms) decide alike on any CPU, and so that both
-# paths run on every kind; tests/test_conv_choice.py times them for real.
-os.environ.setdefault(GEMM_SPEEDUP_VAR, "1.5")
-os.environ.setdefault(WINOGRAD_SPEEDUP_VAR, "1.5")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -84,7 +76,8 @@ def tiny_moco():
     the CIFAR stem at channels 8-64, K 64, batch 8, split BN 2, fp32 settings, plus the given
     overrides; every BN weight drawn from U(0.5, 1.5) with a fixed seed (timm zero-initialises
     each block's last BN, and no gradient would reach the convolutions inside the block)."""
-    from fastmoco.build import build_model, local_runtime
+    from fastmoco.runtime import local_runtime
+    from fastmoco.training.trainer import build_model
     from fastmoco.config import TrainConfig, apply_overrides
 
     def make(*overrides: str):
@@ -103,3 +96,22 @@ def tiny_moco():
         return model
 
     return make
+
+
+# The runs the export tests export (tests/export_cases.py): built once for all their files.
+@pytest.fixture(scope="session")
+def r18(tmp_path_factory):
+    from export_cases import exported_run
+    return exported_run(tmp_path_factory, "r18")
+
+
+@pytest.fixture(scope="session")
+def cifar(tmp_path_factory):
+    from export_cases import exported_run
+    return exported_run(tmp_path_factory, "cifar")
+
+
+@pytest.fixture(scope="session")
+def convnext(tmp_path_factory):
+    from export_cases import exported_run
+    return exported_run(tmp_path_factory, "convnext")

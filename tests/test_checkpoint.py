@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-import fastmoco.checkpoint as ckpt
+import fastmoco.weights.checkpoint as ckpt
 
 
 def state(step):
@@ -262,7 +262,7 @@ def test_check_writable_removes_leftovers_and_names_a_read_only_folder(tmp_path,
     with pytest.raises(OSError, match="Read-only"):
         ckpt.check_writable(tmp_path)
     from fastmoco.config import RunConfig
-    from fastmoco.resume import check_run_dir
+    from fastmoco.training.state import check_run_dir
 
     with pytest.raises(PermissionError, match=f"run.dir={tmp_path} is not writable.*Read-only"):
         check_run_dir(RunConfig(dir=str(tmp_path)), 0, torch.device("cpu"))

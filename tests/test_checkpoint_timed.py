@@ -17,14 +17,16 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-import fastmoco.checkpoint as ckpt
-from fastmoco import resume
-from fastmoco.build import build_loader, build_trainer, local_runtime
+import fastmoco.weights.checkpoint as ckpt
+from fastmoco.training import state as resume
+from fastmoco.data import build_loader
+from fastmoco.runtime import local_runtime
+from fastmoco.training.trainer import build_trainer
 from fastmoco.config import RunConfig, TrainConfig, from_hydra
-from fastmoco.periodic import PeriodicCheckpoints, to_host
-from fastmoco.progress import Progress
+from fastmoco.training.checkpointing import PeriodicCheckpoints, to_host
+from fastmoco.training.position import RunPosition
 from soak_driver import assert_same
-from fastmoco.train import train
+from fastmoco.training.loop import train
 
 STEPS_PER_EPOCH = 12
 # A tiny ResNet on synthetic images (the same batch every step, made once): no files, no workers.
@@ -97,7 +99,7 @@ def tiny_trainer(run_dir: Path, overrides: list[str] = ()):
     torch.manual_seed(0)
     trainer = build_trainer(cfg, rt, steps=100)
     batch = next(iter(build_loader(cfg, rt)))
-    progress = Progress(total_steps=100)
+    progress = RunPosition(total_steps=100)
 
     def step() -> None:
         trainer.step(*batch, lr=0.05, momentum=0.9)
@@ -223,7 +225,7 @@ def test_a_failed_write_is_logged_and_training_goes_on(tmp_path, monkeypatch, ca
         return real(obj, f, *args, **kwargs)
     monkeypatch.setattr(torch, "save", disk_full_at_step_6)
     with caplog.at_level("INFO"):
-        summary = train(make_config([f"run.dir={tmp_path}", "schedule.max_steps=10",
+        summary = train(make_config([f"run.dir={tmp_path}", "schedule.steps=10",
                                      "run.checkpoint_every_steps=3"]))
     assert summary["step"] == 10
     assert "checkpoint of step 6 not written (OSError" in caplog.text
@@ -234,7 +236,7 @@ def test_a_failed_write_is_logged_and_training_goes_on(tmp_path, monkeypatch, ca
 
 
 def test_read_only_run_dir_stops_at_start(tmp_path, monkeypatch):
-    cfg = make_config([f"run.dir={tmp_path}", "schedule.max_steps=1"])
+    cfg = make_config([f"run.dir={tmp_path}", "schedule.steps=1"])
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path))
@@ -246,7 +248,7 @@ def test_read_only_run_dir_stops_at_start(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def run_of_four_steps(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("four_steps")
-    train(make_config([f"run.dir={run_dir}", "schedule.max_steps=4"]))
+    train(make_config([f"run.dir={run_dir}", "schedule.steps=4"]))
     return run_dir
 
 
@@ -260,7 +262,7 @@ def test_resume_with_another_batch_or_queue_names_the_fix(run_of_four_steps, tmp
     run_dir = tmp_path / "run"
     shutil.copytree(run_of_four_steps, run_dir)
     with pytest.raises(ValueError, match=match):
-        train(make_config([f"run.dir={run_dir}", "schedule.max_steps=8", *override.split()]))
+        train(make_config([f"run.dir={run_dir}", "schedule.steps=8", *override.split()]))
 
 
 def test_two_processes_agree_on_timed_checkpoints(tmp_path):
@@ -268,7 +270,7 @@ def test_two_processes_agree_on_timed_checkpoints(tmp_path):
     5 steps: no process waits on another (the run ends), and each checkpoint holds both RNGs."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "fastmoco",
-           "train", *FAST, f"run.dir={run_dir}", "schedule.max_steps=12",
+           "train", *FAST, f"run.dir={run_dir}", "schedule.steps=12",
            "run.checkpoint_every_min=0.0001", "run.checkpoint_every_steps=5",
            "run.keep_checkpoints=20"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_module
 
-from fastmoco.config import TrainConfig, from_hydra
+from fastmoco.config import TrainConfig, from_hydra, splits_bn
 
 CONF = Path(__file__).resolve().parent.parent / "fastmoco" / "conf"
 
@@ -57,8 +57,13 @@ def test_settings_that_fail_together_are_checked_at_start(overrides, world, devi
 
 
 def test_the_split_bn_rule_is_one_rule():
-    """With several processes, auto means the paper's shuffle (no split), so bn_splits is free."""
-    make(["method.bn_splits=3", "schedule.batch_size=32", "method.queue_size=96"]).check(2, "cpu")
+    """With several processes, auto means the paper's shuffle (no split), so bn_splits is free;
+    in one process the same settings split BN, and the batch must divide into the splits."""
+    cfg = make(["method.bn_splits=3", "schedule.batch_size=32", "method.queue_size=96"])
+    cfg.check(2, "cpu")
+    assert not splits_bn(cfg.method.shuffle_bn, 2) and splits_bn(cfg.method.shuffle_bn, 1)
+    with pytest.raises(ValueError, match="batch per process 32 is not a multiple of method.bn_splits=3"):
+        cfg.check(1, "cpu")
 
 
 def test_defaults_are_written_once():

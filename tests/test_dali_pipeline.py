@@ -5,7 +5,6 @@ seconds: a coordinate image (R = 2x, G = 2y) reveals crop area, aspect and flip;
 colours reveal jitter factors, grayscale and solarize; a checkerboard reveals blur.
 """
 import math
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ pytest.importorskip("nvidia.dali")
 
 from fastmoco.pipelines import (ImageList, build_eval_loader, build_labelled_train_loader, build_train_loader,  # noqa: E402
                                 get_linear_recipe, get_recipe, scan_image_folder, shard_indices)
-from fastmoco.pipelines.dali import DaliTwoViewLoader  # noqa: E402
 from fastmoco.pipelines.recipes import CIFAR_MEAN, CIFAR_STD, LinearRecipe, ViewRecipe, TwoViewRecipe  # noqa: E402
 
 CPU = torch.device("cpu")

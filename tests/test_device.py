@@ -8,16 +8,18 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from torch import nn
 
-from fastmoco import autosize, device
-from fastmoco.build import Runtime
+from fastmoco import device
+from fastmoco.training import autosize
+from fastmoco.runtime import Runtime
 from fastmoco.config import TrainConfig
 from fastmoco.device import ISA_CAP_VARS, cpu_supports_bf16, resolve_precision
-from fastmoco.knn import recalibrate_bn_
+from fastmoco.evaluation.knn import recalibrate_bn_
 
 CPU = torch.device("cpu")
 RT = Runtime(CPU, torch.float32)
@@ -43,7 +45,7 @@ def test_bf16_speedup_is_measured_where_bf16_is_native():
     if not cpu_supports_bf16():
         assert speedup == 0.0
     else:
-        assert speedup > 0.0  # its size is the machine's; the bench and RESULTS.md report it
+        assert speedup > 0.0  # its size is the machine's; the bench reports it
 
 
 def test_bf16_on_a_cpu_without_it_stops_and_names_the_fix(monkeypatch, caplog):
@@ -59,7 +61,7 @@ def test_bf16_on_a_cpu_without_it_stops_and_names_the_fix(monkeypatch, caplog):
 
 
 def test_train_refuses_emulated_bf16_at_start(monkeypatch, tmp_path):
-    from fastmoco.train import train
+    from fastmoco.training.loop import train
 
     monkeypatch.setattr(device, "cpu_supports_bf16", lambda: False)
     cfg = TrainConfig()
@@ -154,3 +156,30 @@ def test_autosize_times_the_real_step():
     cfg.run.compile = "off"
     seconds = autosize.step_seconds(cfg, RT)
     assert 0 < seconds < 30
+
+
+def test_autosize_times_the_step_with_its_data(monkeypatch):
+    """A size is judged by the loop the run executes: a loader that makes the step wait for its
+    batch (a data pipeline sharing the cores) counts in the step's time, the median of it."""
+    cfg = TrainConfig()
+    cfg.backbone.name, cfg.backbone.cifar_stem = "resnet18", True
+    cfg.backbone.kwargs = {"channels": [8, 16, 32, 64]}
+    cfg.data.name, cfg.data.image_size = "synthetic", 16
+    cfg.schedule.batch_size, cfg.method.queue_size, cfg.method.bn_splits = 8, 64, 2
+    alone = autosize.step_seconds(cfg, RT)
+    real = autosize.build_loader
+
+    class SlowLoader:
+        def __init__(self, loader, wait: float) -> None:
+            self.loader, self.wait = loader, wait
+
+        def set_epoch(self, epoch: int, start: int = 0) -> None:
+            self.loader.set_epoch(epoch, start)
+
+        def __iter__(self):
+            for batch in self.loader:
+                time.sleep(self.wait)
+                yield batch
+
+    monkeypatch.setattr(autosize, "build_loader", lambda c, rt: SlowLoader(real(c, rt), 0.3))
+    assert autosize.step_seconds(cfg, RT) >= alone + 0.2

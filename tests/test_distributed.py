@@ -19,12 +19,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from fastmoco import MoCo
-from fastmoco.build import init_runtime
-from fastmoco.checkpoint import list_checkpoints, load_checkpoint
+from fastmoco import MoCo, device
+from fastmoco.runtime import init_runtime
+from fastmoco.weights.checkpoint import list_checkpoints, load_checkpoint
 from fastmoco.config import RunConfig
-from fastmoco.conv_choice import (GEMM_SPEEDUP_VAR, WINOGRAD_SPEEDUP_VAR, agree_on_measurements,
-                                  resolve_conv_weight_grad, resolve_conv_winograd)
 from fastmoco.distributed import AnyProcess, broadcast_module_, get_world_size, shutdown
 from fastmoco.pipelines.folder import shard_indices
 from fastmoco.pipelines.torchvision import EpochShardSampler
@@ -210,23 +208,20 @@ def torchrun_train(nproc: int, overrides: list[str], cwd: Path, extra: list[str]
 def _runtime_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
-    # each rank "measured" otherwise: GEMM slower and Winograd faster on rank 0, the reverse on 1
-    os.environ[GEMM_SPEEDUP_VAR] = "0.9" if rank == 0 else "1.5"
-    os.environ[WINOGRAD_SPEEDUP_VAR] = "1.5" if rank == 0 else "0.9"
-    rt = init_runtime(RunConfig(device="cpu", precision="fp32"))
-    agree_on_measurements("auto", "auto", rt.device, rt.dtype, rt.rank)  # as train() does
-    chosen = [resolve_conv_weight_grad("auto", rt.device, rt.dtype),
-              resolve_conv_winograd("auto", rt.device, rt.dtype)]
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps([rt.rank, rt.world_size, *chosen]))
+    # each rank "measured" otherwise: bf16 fast on rank 0, slow on rank 1
+    device.cpu_supports_bf16 = lambda: True
+    device.cpu_bf16_speedup = lambda: 2.0 if rank == 0 else 0.5
+    rt = init_runtime(RunConfig(device="cpu", precision="auto"))
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps([rt.rank, rt.world_size, rt.dtype_name]))
     shutdown()
 
 
-def test_ranks_take_rank_zeros_convolution_timings(tmp_path):
-    """auto's convolution paths follow timings: each process would take its own, on a CPU the
-    others load, and could decide otherwise. Training gives every rank rank 0's."""
+def test_ranks_take_rank_zeros_precision(tmp_path):
+    """precision=auto follows a timing: each process would take its own, on a CPU the others
+    load, and could decide otherwise. Every rank runs rank 0's choice."""
     mp.spawn(_runtime_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    assert got == [[0, WORLD, "native", True], [1, WORLD, "native", True]]
+    assert got == [[0, WORLD, "bfloat16"], [1, WORLD, "bfloat16"]]
 
 
 def test_checkpoint_at_two_processes_resumes_at_one(tiny_cifar, tmp_path):
@@ -349,3 +344,44 @@ def test_submitit_slurm_task_exports_its_rank(monkeypatch):
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("11", "16", "3")
     assert os.environ["MASTER_ADDR"] == "gpu007"
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"  # each task picks cuda:LOCAL_RANK
+
+
+USER_SCRIPT = '''
+import json, sys
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+import fastmoco
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = fastmoco.MoCo("resnet18", version="v2", dim=16, queue_size=64, momentum=0.99,
+                      temperature=0.2, cifar_stem=True,
+                      backbone_kwargs={"channels": [8, 16, 32, 64]})
+ddp = DDP(model, broadcast_buffers=False)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9)
+torch.manual_seed(1 + dist.get_rank())
+x_q, x_k = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+out = ddp(x_q, x_k)
+out.loss.backward(); optimizer.step()
+model.enqueue(out.keys)
+if dist.get_rank() == 0:
+    print(json.dumps({"shuffle_bn": model.shuffle_bn, "loss": out.loss.item(),
+                      "ptr": int(model.queue.ptr)}))
+dist.destroy_process_group()
+'''
+
+
+def test_the_readme_example_in_a_users_ddp_script_shuffles_bn_across_processes(tmp_path):
+    """The README's model in a user's own torchrun script (2 processes, 4 images each) takes the
+    process count from torch.distributed and runs the paper's shuffle BN, not split BN."""
+    script = tmp_path / "pretrain.py"
+    script.write_text(USER_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([*TORCHRUN, f"--nproc_per_node={WORLD}", f"--master_port={free_port()}",
+                          str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["shuffle_bn"] == "ddp" and got["ptr"] == WORLD * 4  # both processes' keys enqueued
+    assert torch.isfinite(torch.tensor(got["loss"]))

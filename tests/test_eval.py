@@ -12,11 +12,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from fastmoco import checkpoint as ckpt
-from fastmoco.checkpoint import latest_checkpoint, load_checkpoint
-from fastmoco.config import EvalConfig, from_hydra
-from fastmoco.evaluate import knn, linear
-from fastmoco.train import train
+from fastmoco.weights import checkpoint as ckpt
+from fastmoco.weights.checkpoint import latest_checkpoint, load_checkpoint
+from fastmoco.config import from_hydra
+from fastmoco.evaluation.config import EvalConfig
+from fastmoco.evaluation.commands import knn, linear
+from fastmoco.training.loop import train
 
 from test_train import FAST, make_config
 
@@ -25,7 +26,7 @@ from test_train import FAST, make_config
 def pretrained(tiny_cifar, tmp_path_factory) -> Path:
     """A run directory with a checkpoint of a tiny ResNet after 2 steps."""
     run = tmp_path_factory.mktemp("run")
-    train(make_config(FAST + [f"data.root={tiny_cifar}", f"run.dir={run}", "schedule.max_steps=2",
+    train(make_config(FAST + [f"data.root={tiny_cifar}", f"run.dir={run}", "schedule.steps=2",
                               "knn.enabled=false"]))
     return run
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmoco.knn import (
+from fastmoco.evaluation.knn import (
     extract_features, knn_accuracy, knn_neighbours, knn_predict, knn_topk, knn_vote, merge_topk,
 )
 

@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from fastmoco.checkpoint import list_checkpoints, load_checkpoint
-from fastmoco.knn import (
+from fastmoco.weights.checkpoint import list_checkpoints, load_checkpoint
+from fastmoco.evaluation.knn import (
     distributed_knn_accuracy, knn_accuracy, knn_neighbours, knn_predict, recalibrate_bn_,
 )
 
@@ -210,7 +210,7 @@ def test_monitor_in_two_process_training_matches_one_process(tiny_cifar, tmp_pat
             "pipeline=torchvision", "pipeline.num_workers=0", "method.queue_size=96",
             "method.bn_splits=4", "schedule.batch_size=16", "run.progress=false",
             "run.precision=fp32", "knn.k=20", "knn.batch_size=64", f"data.root={tiny_cifar}",
-            "schedule.max_steps=2"]
+            "schedule.steps=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     summaries = {}
     for nproc in (1, 2):

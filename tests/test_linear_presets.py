@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 from torch import nn
 
-from fastmoco.config import EvalConfig, LinearConfig, from_hydra
-from fastmoco.evaluate import linear_optimizer
-from fastmoco.optim import LARS
+from fastmoco.config import from_hydra
+from fastmoco.evaluation.config import EvalConfig, LinearConfig
+from fastmoco.evaluation.commands import linear_optimizer
+from fastmoco.training.optim import LARS
 
 
 def eval_config(overrides: list[str]) -> EvalConfig:

@@ -10,12 +10,11 @@ from torch import nn
 
 from fastmoco import MoCo
 from fastmoco.kernels import flat_layout
-from fastmoco.backbone import create_backbone
-from fastmoco.batchnorm import (
+from fastmoco.methods.batchnorm import (
     SplitBatchNorm2d, convert_split_bn_, forward_in_splits, split_norms,
 )
 from fastmoco.distributed import batch_shuffle, batch_unshuffle
-from fastmoco.queue import KeyQueue
+from fastmoco.methods.queue import KeyQueue
 
 SMALL = dict(channels=(8, 16, 32, 64))
 
@@ -238,47 +237,6 @@ def test_symmetric_and_v3_steps(version):
     if version == "v3":
         assert model.queue is None and model.predictor is not None
         assert model.predictor[0].weight.grad is not None
-
-
-@pytest.mark.parametrize("name, width, shortcut", [("resnet18", 16, False), ("resnet18", 8, True),
-                                                 ("resnet50", 32, True)])
-def test_cifar_stem_width_narrows_the_stem_and_the_first_block(name, width, shortcut):
-    """stem_width (which timm's single-conv stem ignores) sets the CIFAR stem's width; the first
-    block takes it in, with an identity shortcut where input and output widths match."""
-    channels = [16, 32, 64, 128]
-    torch.manual_seed(0)
-    wide = create_backbone(name, cifar_stem=True, channels=channels)
-    narrow = create_backbone(name, cifar_stem=True, channels=channels, stem_width=width)
-    assert (narrow.conv1.out_channels, narrow.bn1.num_features) == (width, width)
-    block = narrow.layer1[0]
-    assert block.conv1.in_channels == width
-    assert (block.downsample is not None) == shortcut
-    if shortcut:
-        assert block.downsample[0].in_channels == width
-    # only the stem and the first block's inputs changed
-    ours, timms = narrow.state_dict(), wide.state_dict()
-    changed = {k for k, v in timms.items() if k in ours and ours[k].shape != v.shape}
-    changed |= set(ours) ^ set(timms)  # a shortcut projection dropped or added
-    assert changed and all(k.startswith(("conv1", "bn1", "layer1.0.")) for k in changed)
-    x = torch.randn(4, 3, 32, 32)
-    narrow(x).square().sum().backward()
-    assert all(p.grad is not None for p in narrow.parameters())
-    assert narrow.conv1.weight.grad.abs().sum() > 0  # (timm zero-inits each block's last BN)
-    # the default width is timm's: the same network as without the setting
-    same = create_backbone(name, cifar_stem=True, channels=channels, stem_width=64)
-    assert {k: v.shape for k, v in same.state_dict().items()} == \
-        {k: v.shape for k, v in wide.state_dict().items()}
-
-
-def test_stem_width_narrows_timms_own_stem_too():
-    """Without the CIFAR stem, stem_width narrows timm's 7×7/2 stem (which timm leaves at 64)."""
-    model = create_backbone("resnet18", channels=[16, 32, 64, 128], stem_width=16)
-    assert (model.conv1.out_channels, model.conv1.kernel_size, model.conv1.stride) == \
-        (16, (7, 7), (2, 2))
-    assert model.layer1[0].downsample is None
-    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 128)
-    deep = create_backbone("resnet18d", stem_width=16)  # a deep stem: timm's own widths
-    assert deep.conv1[0].out_channels == 16
 
 
 def test_unknown_backbone_names_the_fix():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fastmoco.config import OptimConfig
-from fastmoco.optim import LARS, build_optimizer, set_lr
+from fastmoco.training.optim import LARS, build_optimizer, set_lr
 
 CPU = torch.device("cpu")
 

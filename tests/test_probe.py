@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastmoco.probe import fit_linear, linear_probe, topk_accuracy
+from fastmoco.evaluation.probe import fit_linear, linear_probe, topk_accuracy
 
 
 def blobs(n: int, classes: int, dim: int, noise: float, seed: int):
@@ -59,7 +59,7 @@ def test_the_stacked_sweep_trains_each_pair_as_torch_sgd_would():
     import torch.nn.functional as F
     from torch import nn
 
-    from fastmoco.probe import fit_linear_grid
+    from fastmoco.evaluation.probe import fit_linear_grid
 
     x, y = blobs(300, 4, 6, 1.0, seed=4)
     pairs = [(0.1, 0.0), (0.3, 1e-3), (0.03, 1e-2)]

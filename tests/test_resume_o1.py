@@ -15,13 +15,13 @@ import torch
 
 from hydra import compose, initialize_config_module
 
-from fastmoco.checkpoint import list_checkpoints, load_checkpoint
+from fastmoco.weights.checkpoint import list_checkpoints, load_checkpoint
 from fastmoco.config import TrainConfig, from_hydra
 from fastmoco.pipelines import (build_labelled_train_loader, build_train_loader, get_linear_recipe, get_recipe,
                                 scan_image_folder, scan_webdataset)
 from fastmoco.pipelines.webdataset import MemberReader
-from fastmoco.progress import Progress, epoch_batches
-from fastmoco.train import train
+from fastmoco.training.position import RunPosition, epoch_batches
+from fastmoco.training.loop import train
 
 CPU = torch.device("cpu")
 BATCH, WORLD, RANK = 8, 2, 1  # 48 images: 3 batches per rank and epoch
@@ -87,7 +87,7 @@ def test_epoch_batches_starts_where_the_progress_stands(data, kind):
     reference = _loader(kind, data["folder"], False)
     reference.set_epoch(2)
     full = list(reference)
-    progress = Progress(step=7, epoch=2, batch_in_epoch=2, total_steps=100)
+    progress = RunPosition(step=7, epoch=2, batch_in_epoch=2, total_steps=100)
     got = list(epoch_batches(_loader(kind, data["folder"], False), progress))
     assert len(got) == 1 and all(torch.equal(x, y) for x, y in zip(got[0], full[2]))
     assert (progress.epoch, progress.batch_in_epoch) == (3, 0)

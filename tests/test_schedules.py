@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from fastmoco.momentum import lr_at, momentum_at
+from fastmoco.training.schedules import lr_at, momentum_at
 
 BASE = 0.6
 

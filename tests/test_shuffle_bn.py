@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-import fastmoco.model
+import fastmoco.methods.moco
 from fastmoco import MoCo
 from fastmoco.distributed import (
     batch_shuffle, batch_shuffle_all_gather, batch_unshuffle, batch_unshuffle_all_gather,
@@ -130,10 +130,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     runs = {}
     for version in ("v2", "v3"):  # v3: symmetric, two shuffles per step
         runs[version, "all_to_all"] = moco_run(version, world, rank)
-        fastmoco.model.batch_shuffle = batch_shuffle_all_gather  # the model's reference path
-        fastmoco.model.batch_unshuffle = batch_unshuffle_all_gather
+        fastmoco.methods.moco.batch_shuffle = batch_shuffle_all_gather  # the model's reference path
+        fastmoco.methods.moco.batch_unshuffle = batch_unshuffle_all_gather
         runs[version, "all_gather"] = moco_run(version, world, rank)
-        fastmoco.model.batch_shuffle, fastmoco.model.batch_unshuffle = batch_shuffle, batch_unshuffle
+        fastmoco.methods.moco.batch_shuffle, fastmoco.methods.moco.batch_unshuffle = batch_shuffle, batch_unshuffle
     torch.save({"trials": trials, "runs": runs}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fastmoco.checkpoint import list_checkpoints
+from fastmoco.weights.checkpoint import list_checkpoints
 from soak_driver import (
     Event, draw_plan, finish, invoke, kill_all, reference, soak, tiny_tree, verify,
 )

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -14,9 +13,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from fastmoco.checkpoint import list_checkpoints, load_checkpoint
+from fastmoco.weights.checkpoint import list_checkpoints, load_checkpoint
 from fastmoco.config import TrainConfig, apply_overrides, from_hydra
-from fastmoco.train import train
+from fastmoco.training.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["backbone=resnet18_cifar", "+backbone.kwargs.channels=[8,16,32,64]", "pipeline=torchvision",
@@ -41,7 +40,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 def test_cli_runs_a_few_steps_and_writes_metrics_and_checkpoint(tiny_cifar, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "fastmoco", "train", *FAST, f"data.root={tiny_cifar}",
-           "schedule.max_steps=3", f"run.dir={run_dir}", "knn.k=20"]
+           "schedule.steps=3", f"run.dir={run_dir}", "knn.k=20"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "kNN top-1 on the test split" in res.stdout and "at random init" in res.stdout
@@ -83,6 +82,26 @@ def test_resume_from_epoch_checkpoint_gives_the_same_losses(tiny_cifar, tmp_path
         assert loss == full[step], step
 
 
+def test_stop_at_step_keeps_the_schedule_and_resumes_to_the_end(tiny_cifar, tmp_path):
+    """schedule.stop_at_step stops mid-epoch with a checkpoint, the lr where the whole schedule
+    has it; run again without it, the run ends as one that never stopped, step for step."""
+    common = FAST + [f"data.root={tiny_cifar}", "schedule.epochs=1", "knn.enabled=false"]
+    full_dir, parts_dir = tmp_path / "full", tmp_path / "parts"
+    train(make_config(common + [f"run.dir={full_dir}"]))
+    stopped = train(make_config(common + [f"run.dir={parts_dir}", "schedule.stop_at_step=5"]))
+    assert stopped["stopped"] and stopped["step"] == 5
+    assert load_checkpoint(list_checkpoints(parts_dir)[-1])["progress"]["step"] == 5
+    again = train(make_config(common + [f"run.dir={parts_dir}", "schedule.stop_at_step=5"]))
+    assert again["stopped"] and again["step"] == 5  # the same command: nothing more to do
+    train(make_config(common + [f"run.dir={parts_dir}"]))
+    records = {d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+               for d in (full_dir, parts_dir)}
+    by_step = {d: {r["step"]: (r["loss"], r["lr"]) for r in recs if "loss" in r}
+               for d, recs in records.items()}
+    assert sorted(by_step[parts_dir]) == sorted(by_step[full_dir]) == list(range(1, 200 // 16 + 1))
+    assert by_step[parts_dir] == by_step[full_dir]  # losses and lrs, bit for bit
+
+
 def test_sigterm_checkpoints_mid_epoch_and_resume_continues(tiny_cifar, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "fastmoco", "train", *FAST, f"data.root={tiny_cifar}",
@@ -119,7 +138,7 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_continues(tiny_cifar, tmp_path
     ],
 )
 def test_config_errors_name_the_fix(tiny_cifar, tmp_path, overrides, error, match):
-    base = FAST + [f"data.root={tiny_cifar}", f"run.dir={tmp_path}", "schedule.max_steps=1"]
+    base = FAST + [f"data.root={tiny_cifar}", f"run.dir={tmp_path}", "schedule.steps=1"]
     with pytest.raises(error, match=match):
         train(make_config(base + overrides))
 
@@ -146,7 +165,7 @@ def test_experiment_presets_compose():
 def test_time_budget_replans_on_the_pace_so_far(monkeypatch):
     """1 s steps for 100 s of budget plan ~100 steps; when steps slow to 2 s, the re-plans (at
     10, 50, 75 and 90 % of the plan) cut the run so that it still ends within the budget."""
-    from fastmoco import budget as budget_mod
+    from fastmoco.training import budget as budget_mod
 
     clock = {"t": 0.0}
     monkeypatch.setattr(budget_mod.time, "perf_counter", lambda: clock["t"])
@@ -184,10 +203,10 @@ def test_time_budget_replans_on_the_pace_so_far(monkeypatch):
 def test_replan_keeps_the_lr_where_it_is():
     """A re-plan from 100 to 61 steps at step 50: the lr stays at its value, then follows the
     rest of the cosine to its end exactly at the new last step; the progress round-trips."""
-    from fastmoco.momentum import lr_at
-    from fastmoco.progress import Progress
+    from fastmoco.training.schedules import lr_at
+    from fastmoco.training.position import RunPosition
 
-    progress = Progress(step=50, total_steps=100)
+    progress = RunPosition(step=50, total_steps=100)
     before = lr_at(*progress.schedule_position(), 1.0)
     progress.replan(61)
     assert lr_at(*progress.schedule_position(), 1.0) == pytest.approx(before)
@@ -195,7 +214,7 @@ def test_replan_keeps_the_lr_where_it_is():
     position, length = progress.schedule_position()
     assert (position, length) == (pytest.approx(100.0), 100) and lr_at(position, length, 1.0) < 1e-9
     progress.step = 55
-    again = Progress(**progress.to_dict())  # as a checkpoint stores it
+    again = RunPosition(**progress.to_dict())  # as a checkpoint stores it
     assert again.schedule_position() == progress.schedule_position()
     progress.replan(70)  # a second re-plan anchors on the first
     assert progress.schedule_position() == pytest.approx(again.schedule_position())
@@ -210,7 +229,7 @@ def test_the_loss_falls_over_50_steps_on_a_tiny_set(tiny_cifar, tmp_path):
         f"data.root={tiny_cifar}", f"run.dir={tmp_path}", "method=moco_v3", "method.queue_size=0", "method.dim=32",
         "method.mlp_hidden=64", "method.temperature=0.2", "optim=lars", "optim.lr=1.0",
         "optim.base_batch=null", "schedule.batch_size=32", "schedule.lr_schedule=constant",
-        "schedule.max_steps=50", "run.precision=fp32", "knn.enabled=false"])
+        "schedule.steps=50", "run.precision=fp32", "knn.enabled=false"])
     train(cfg)
     loss = [v for _, v in sorted(losses(tmp_path).items())]
     assert len(loss) == 50
@@ -221,7 +240,7 @@ def test_the_loss_falls_over_50_steps_on_a_tiny_set(tiny_cifar, tmp_path):
 def test_checkpoints_from_before_the_budgeted_flag_keep_their_plan():
     """A progress saved without `budgeted` had a plan exactly when it recorded a number of steps
     under a time budget: resuming must not re-plan it from a fresh budget."""
-    from fastmoco.resume import progress_of
+    from fastmoco.training.state import progress_of
 
     cfg = make_config(["experiment=cpu_demo"])
     old = {"progress": {"step": 500, "epoch": 0, "batch_in_epoch": 500, "knn": {}, "total_steps": 1800,

@@ -6,7 +6,9 @@ from typing import Iterator
 
 import torch
 
-from fastmoco.build import build_loader, build_trainer, local_runtime
+from fastmoco.data import build_loader
+from fastmoco.runtime import local_runtime
+from fastmoco.training.trainer import build_trainer
 from fastmoco.config import TrainConfig
 from fastmoco.data import resolve_pipeline
 

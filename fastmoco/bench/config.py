@@ -83,13 +83,16 @@ class BenchConfig:
     ceilings: CeilingConfig = field(default_factory=CeilingConfig)
     out_dir: str = "benchmarks/out"  # relative to the current directory: the bench's run directory
     docs_chart: Optional[str] = None  # also copy the chart here (docs/bench_latest.png, say)
+    # Each case's table as JSON (benchmarks/make_results.py turns them into docs/results.md),
+    # written only where this folder exists: in a checkout run from its root.
+    results_dir: Optional[str] = "benchmarks/results"
     micro_kernels: bool = False  # also run benchmarks/kernels.py --quick (loss alone, EMA alone)
     # Each arm in a fresh process: none inherits another's allocator state, threads or caches
-    # (in one process the arm that runs later measured up to 25 % faster on the CPU).
+    # (in one process the arm that runs later can run faster for what the first left warm).
     isolate: bool = True
     # The model mode of every arm in turns (one window of each arm, then the next round; each
     # arm still in its own process when isolate): the ratios between arms then compare the same
-    # minutes of a shared machine, whose pace moves 20-30 % within minutes. false: one arm
+    # minutes of a shared machine, whose pace can move within minutes. false: one arm
     # after another, as the data and full modes always run.
     in_turns: bool = True
 

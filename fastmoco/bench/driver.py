@@ -25,11 +25,17 @@ from fastmoco.bench.measure import (
     ArmCeilings, PeakMemory, ceilings, finish, measure_stages, no_step, step_flops,
 )
 from fastmoco.bench.turns import ArmFailed, child_setup, in_turns
-from fastmoco.bench.report import add_ratios, check_targets, format_table, plot, setting
-from fastmoco.build import planned_steps
+from fastmoco.bench.report import (
+    RESULT_COLUMNS, add_ratios, check_targets, format_table, plot, result_table, setting,
+)
+from fastmoco.bench.results import default_command, write_result
+from fastmoco.training.schedules import planned_steps
 from fastmoco.config import LABELS, TrainConfig, apply_overrides
 from fastmoco.data import split_files
-from fastmoco.device import cpu_bf16_speedup, cpu_kind, cpu_prefers_bf16, resolve_device
+from fastmoco.device import (
+    cpu_bf16_speedup, cpu_kind, cpu_prefers_bf16, precision_name, resolve_device,
+    resolve_precision,
+)
 
 log = logging.getLogger("fastmoco.bench")
 KERNELS_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
@@ -110,9 +116,10 @@ def _skipped(name: str, modes: list[str], why: str) -> list[dict]:
     return [{"arm": name, "mode": m, "skipped": why} for m in modes]
 
 
-def run_case(cname: str, cfg: TrainConfig, cdef: CaseDef, bench: BenchConfig,
-             device: torch.device, ceil: dict[str, float],
-             on_arm: Callable[[dict], None] = lambda case: None) -> dict[str, Any]:
+def _case_record(cfg: TrainConfig, cdef: CaseDef, bench: BenchConfig, device: torch.device
+                 ) -> tuple[dict[str, Any], list[str], Any, int]:
+    """The case as reported (its rows still empty), its modes, its files (data and full modes
+    only) and the length of the training run it describes (compile=auto decides on it)."""
     modes = list(cdef.modes or bench.modes)
     files = None
     if cfg.data.name == "synthetic":
@@ -132,10 +139,15 @@ def run_case(cname: str, cfg: TrainConfig, cdef: CaseDef, bench: BenchConfig,
     if bench.ceilings.enabled and bench.ceilings.flops:
         case["flops_per_step"] = step_flops(cfg, device)
     case["param_bytes"] = _param_bytes(cfg)
-    # the training run this config describes: compile=auto decides on it, as train() does
     total = planned_steps(cfg, max(1, n_images // cfg.schedule.batch_size))
-    data_cache: dict = {}
-    by_arm: dict[str, list[dict]] = {}  # the case's rows, arm by arm in the bench's order
+    return case, modes, files, total
+
+
+def _plan_arms(cfg: TrainConfig, cdef: CaseDef, bench: BenchConfig, modes: list[str],
+               device: torch.device) -> tuple[dict[str, list[dict]], dict[str, tuple[ArmDef, list[str]]]]:
+    """(each arm's rows so far: a skipped arm's, with why; the arms to time, with their modes),
+    in the bench's order."""
+    by_arm: dict[str, list[dict]] = {}
     timed: dict[str, tuple[ArmDef, list[str]]] = {}
     for name in cdef.arms or bench.arms:
         adef = bench.arm_defs.get(name) or ArmDef(kind=name)
@@ -153,6 +165,16 @@ def run_case(cname: str, cfg: TrainConfig, cdef: CaseDef, bench: BenchConfig,
             continue
         log.info("arm %s skipped: %s", name, why)
         by_arm[name] = _skipped(name, arm_modes, why)
+    return by_arm, timed
+
+
+def run_case(cname: str, cfg: TrainConfig, cdef: CaseDef, bench: BenchConfig,
+             device: torch.device, ceil: dict[str, float],
+             on_arm: Callable[[dict], None] = lambda case: None) -> dict[str, Any]:
+    """Every arm of one case in every mode it has; `on_arm` sees the case as each arm lands."""
+    case, modes, files, total = _case_record(cfg, cdef, bench, device)
+    by_arm, timed = _plan_arms(cfg, cdef, bench, modes, device)
+    data_cache: dict = {}
 
     def landed() -> None:
         case["rows"] = [r for rows in by_arm.values() for r in rows]
@@ -239,9 +261,18 @@ def micro_kernels() -> dict[str, Any]:
             "stdout_tail": res.stdout[-4000:], "stderr_tail": res.stderr[-2000:]}
 
 
+def decide_precision(base: TrainConfig, device: torch.device) -> TrainConfig:
+    """run.precision=auto decided once, here: every arm process then runs what this one measured
+    (a CPU's bf16 timing could come out otherwise in each); an arm's own override still wins."""
+    if base.run.precision != "auto":
+        return base
+    return apply_overrides(base, [f"run.precision={precision_name(resolve_precision('auto', device))}"])
+
+
 def run_bench(base: TrainConfig, bench: BenchConfig) -> dict[str, Any]:
     """Every case × arm × mode; writes JSON + PNG under bench.out_dir; returns the result."""
     device = resolve_device(base.run.device)
+    base = decide_precision(base, device)
     ceil = ceilings(device, bench.ceilings)
     result: dict[str, Any] = {"setting": setting(device), "ceilings": ceil,
                               "bench": dataclasses.asdict(bench), "cases": {},
@@ -269,6 +300,12 @@ def run_bench(base: TrainConfig, bench: BenchConfig) -> dict[str, Any]:
         save()
     if bench.micro_kernels:
         result["micro_kernels"] = micro_kernels()
+    if bench.results_dir and Path(bench.results_dir).is_dir():
+        for cname, case in result["cases"].items():
+            rows, notes = result_table(case, [t for t in result["targets"] if t["case"] == cname])
+            path = write_result("bench", cname, RESULT_COLUMNS, rows, command=default_command(),
+                                notes=notes, device_type=device.type, out_dir=bench.results_dir)
+            log.info("figures of case %s: %s", cname, path)
     chart = out / f"bench_{stamp}.png"
     result["chart"] = str(chart)
     save()

