@@ -10,8 +10,8 @@ import hydra
 from omegaconf import DictConfig
 
 from fastmoco.config import from_hydra
-from fastmoco.evaluation.config import EvalConfig
 from fastmoco.distributed import is_main_process, shutdown
+from fastmoco.evaluation.config import EvalConfig
 
 USAGE = """usage: fastmoco {train,bench,eval linear,eval knn,export} [overrides ...]
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 CIFAR = Path(os.environ.get("FASTMOCO_TEST_CIFAR", SHARED / "cifar10"))
@@ -76,9 +75,9 @@ def tiny_moco():
     the CIFAR stem at channels 8-64, K 64, batch 8, split BN 2, fp32 settings, plus the given
     overrides; every BN weight drawn from U(0.5, 1.5) with a fixed seed (timm zero-initialises
     each block's last BN, and no gradient would reach the convolutions inside the block)."""
+    from fastmoco.config import TrainConfig, apply_overrides
     from fastmoco.runtime import local_runtime
     from fastmoco.training.trainer import build_model
-    from fastmoco.config import TrainConfig, apply_overrides
 
     def make(*overrides: str):
         cfg = apply_overrides(TrainConfig(), [

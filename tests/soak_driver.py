@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+from soak_procs import kill_all, trainers
 
 from fastmoco.weights import checkpoint as ckpt
-from soak_procs import kill_all, trainers
 
 FIELDS = ("epoch", "loss", "pretext_top1", "lr", "momentum")  # per-step record, compared exactly
 # A tiny ResNet on CIFAR files (augmented per (seed, epoch, image), one loader worker, so that the

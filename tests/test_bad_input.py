@@ -5,9 +5,8 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
-
 from fastmoco.pipelines import ImageList, build_train_loader, get_recipe, scan_image_folder
+from PIL import Image
 
 CPU = torch.device("cpu")
 RECIPE = get_recipe("v2", size=32)

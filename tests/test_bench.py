@@ -14,12 +14,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-
+from fastmoco.kernels import infonce_loss_reference
 from torch.autograd import DeviceType
 from torch.profiler import record_function
 
 from fastmoco.bench import (
-    ArmDef, BenchConfig, CaseDef, CeilingConfig, Target, check_targets, drain, format_table,
+    ArmDef,
+    BenchConfig,
+    CaseDef,
+    CeilingConfig,
+    Target,
+    check_targets,
+    drain,
+    format_table,
 )
 from fastmoco.bench.arm_fastmoco import FastMocoArm
 from fastmoco.bench.arm_reference import ReferenceArm, ReferenceMoCo
@@ -27,8 +34,7 @@ from fastmoco.bench.arms import synthetic_batches
 from fastmoco.bench.driver import run_case
 from fastmoco.bench.measure import measure
 from fastmoco.bench.phases import phase_us, profiler
-from fastmoco.config import apply_overrides, TrainConfig
-from fastmoco.kernels import infonce_loss_reference
+from fastmoco.config import TrainConfig, apply_overrides
 from fastmoco.methods.moco import MoCo
 
 TINY = ["backbone=resnet18_cifar", "+backbone.kwargs.channels=[8,16,32,64]", "method.queue_size=64",

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_bench import tiny_config
 
-from fastmoco.bench import ArmDef, BenchConfig, CaseDef, CeilingConfig
-from fastmoco.bench import turns
+from fastmoco.bench import ArmDef, BenchConfig, CaseDef, CeilingConfig, turns
 from fastmoco.bench.driver import run_case
 from fastmoco.bench.measure import finish, measure_stages
 from fastmoco.bench.report import add_ratios, speed_ratio
 from fastmoco.config import apply_overrides
-from test_bench import tiny_config
 
 
 def logged_stages(name: str, n: int, log: list, fail_at: int | None = None):

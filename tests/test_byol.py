@@ -10,15 +10,14 @@ import math
 
 import pytest
 import torch
+from fastmoco.kernels import flat_layout, matching_flat_buffers
+from siamese_cases import BYOL_TINY, DIM, HIDDEN, TOL, assert_same_state, trainer_for, views
 from torch import nn
 
 from fastmoco.config import TrainConfig
-from fastmoco.kernels import flat_layout, matching_flat_buffers
 from fastmoco.methods.byol import BYOL, regression_loss
 from fastmoco.training.schedules import lr_at, momentum_at
 from fastmoco.training.trainer import Trainer
-from siamese_cases import BYOL_TINY, DIM, HIDDEN, TOL, assert_same_state, trainer_for, views
-
 
 # --- BYOL, re-derived -------------------------------------------------------------------------
 

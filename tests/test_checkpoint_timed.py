@@ -16,17 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from soak_driver import assert_same
 
 import fastmoco.weights.checkpoint as ckpt
-from fastmoco.training import state as resume
+from fastmoco.config import RunConfig, TrainConfig, from_hydra
 from fastmoco.data import build_loader
 from fastmoco.runtime import local_runtime
-from fastmoco.training.trainer import build_trainer
-from fastmoco.config import RunConfig, TrainConfig, from_hydra
+from fastmoco.training import state as resume
 from fastmoco.training.checkpointing import PeriodicCheckpoints, to_host
-from fastmoco.training.position import RunPosition
-from soak_driver import assert_same
 from fastmoco.training.loop import train
+from fastmoco.training.position import RunPosition
+from fastmoco.training.trainer import build_trainer
 
 STEPS_PER_EPOCH = 12
 # A tiny ResNet on synthetic images (the same batch every step, made once): no files, no workers.

@@ -6,12 +6,16 @@ pytest.importorskip("nvidia.dali")
 
 import nvidia.dali.fn as fn  # noqa: E402
 import nvidia.dali.types as types  # noqa: E402
-from nvidia.dali import pipeline_def  # noqa: E402
-
 from fastmoco.pipelines import LINEAR_RECIPES, RECIPES, get_linear_recipe, get_recipe  # noqa: E402
 from fastmoco.pipelines.dali_graph import augment_view, decode, output_dtype  # noqa: E402
-from fastmoco.pipelines.graph_check import (check_gpu_graph, parse_pipeline, serialize_eval_gpu_graph,  # noqa: E402
-                                            serialize_labelled_gpu_graph, serialize_two_view_gpu_graph)
+from fastmoco.pipelines.graph_check import (  # noqa: E402
+    check_gpu_graph,
+    parse_pipeline,
+    serialize_eval_gpu_graph,
+    serialize_labelled_gpu_graph,
+    serialize_two_view_gpu_graph,
+)
+from nvidia.dali import pipeline_def  # noqa: E402
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

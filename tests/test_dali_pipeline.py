@@ -13,9 +13,23 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
-from fastmoco.pipelines import (ImageList, build_eval_loader, build_labelled_train_loader, build_train_loader,  # noqa: E402
-                                get_linear_recipe, get_recipe, scan_image_folder, shard_indices)
-from fastmoco.pipelines.recipes import CIFAR_MEAN, CIFAR_STD, LinearRecipe, ViewRecipe, TwoViewRecipe  # noqa: E402
+from fastmoco.pipelines import (  # noqa: E402
+    ImageList,
+    build_eval_loader,
+    build_labelled_train_loader,
+    build_train_loader,
+    get_linear_recipe,
+    get_recipe,
+    scan_image_folder,
+    shard_indices,
+)
+from fastmoco.pipelines.recipes import (  # noqa: E402
+    CIFAR_MEAN,
+    CIFAR_STD,
+    LinearRecipe,
+    TwoViewRecipe,
+    ViewRecipe,
+)
 
 CPU = torch.device("cpu")
 RAW = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # outputs in [0, 1]: pixel / 255

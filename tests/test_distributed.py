@@ -17,15 +17,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from fastmoco.pipelines.folder import shard_indices
+from fastmoco.pipelines.torchvision import EpochShardSampler
 from torch import nn
 
 from fastmoco import MoCo, device
-from fastmoco.runtime import init_runtime
-from fastmoco.weights.checkpoint import list_checkpoints, load_checkpoint
 from fastmoco.config import RunConfig
 from fastmoco.distributed import AnyProcess, broadcast_module_, get_world_size, shutdown
-from fastmoco.pipelines.folder import shard_indices
-from fastmoco.pipelines.torchvision import EpochShardSampler
+from fastmoco.runtime import init_runtime
+from fastmoco.weights.checkpoint import list_checkpoints, load_checkpoint
 
 WORLD, N, STEPS, SIZE = 2, 4, 3, 16  # processes, batch per process, steps, image side
 LR, M = 0.1, 0.9

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import copy
 
+import fastmoco.kernels as K
 import pytest
 import torch
-from torch import nn
-
-import fastmoco.kernels as K
 from fastmoco.kernels import ema_update_, ema_update_reference_, flat_layout, flatten_parameters_
 from fastmoco.kernels.ema import matching_flat_buffers
 from fastmoco.kernels.launch import interpreter_active
+from torch import nn
 
 INTERP = interpreter_active()
 interp = pytest.mark.skipif(not INTERP, reason="runs in the TRITON_INTERPRET=1 subprocess")

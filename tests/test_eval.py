@@ -11,15 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from test_train import FAST, make_config
 
+from fastmoco.config import from_hydra
+from fastmoco.evaluation.commands import knn, linear
+from fastmoco.evaluation.config import EvalConfig
+from fastmoco.training.loop import train
 from fastmoco.weights import checkpoint as ckpt
 from fastmoco.weights.checkpoint import latest_checkpoint, load_checkpoint
-from fastmoco.config import from_hydra
-from fastmoco.evaluation.config import EvalConfig
-from fastmoco.evaluation.commands import knn, linear
-from fastmoco.training.loop import train
-
-from test_train import FAST, make_config
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,13 @@ import os
 
 import pytest
 import torch
+from export_cases import NARROW, STEP, assert_same_features
+from fastmoco.pipelines.recipes import IMAGENET_MEAN, IMAGENET_STD
 
 import fastmoco.weights.export as ex
 from fastmoco.config import BackboneConfig, DataConfig, MethodConfig, TrainConfig
-from fastmoco.pipelines.recipes import IMAGENET_MEAN, IMAGENET_STD
 from fastmoco.weights.checkpoint import save_checkpoint
 from fastmoco.weights.load import backbone_state, load_backbone, resolve_checkpoint
-from export_cases import NARROW, STEP, assert_same_features
-
 
 # ------------------------------------------------------------------------------- load_backbone
 

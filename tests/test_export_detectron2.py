@@ -11,10 +11,9 @@ import pytest
 import timm
 import torch
 import torchvision
-
-import fastmoco.weights.export as ex
 from export_cases import assert_same_features
 
+import fastmoco.weights.export as ex
 
 NORM = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 # detectron2's ResNet-18 (modeling/backbone/resnet.py: BasicStem, BasicBlock): every conv with

@@ -9,14 +9,14 @@ import json
 import pytest
 import timm
 import torch
+from export_cases import NARROW, STEP, assert_same_features, images
+from fastmoco.pipelines.recipes import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
 from safetensors.torch import load_file
 from torch import nn
 
 import fastmoco.weights.export as ex
 from fastmoco.backbone import apply_cifar_stem
-from fastmoco.pipelines.recipes import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
 from fastmoco.weights.load import load_backbone, resolve_checkpoint
-from export_cases import NARROW, STEP, assert_same_features, images
 
 
 def test_timm_export_loads_strictly_in_timm(r18, tmp_path, monkeypatch):

@@ -7,9 +7,9 @@ import json
 
 import torch
 import torchvision
+from export_cases import assert_same_features
 
 import fastmoco.weights.export as ex
-from export_cases import assert_same_features
 
 
 def test_torchvision_export_loads_strictly(r18, tmp_path, capsys):

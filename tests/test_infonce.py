@@ -13,7 +13,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from fastmoco.kernels import infonce as tri
 from fastmoco.kernels import infonce_inbatch_loss, infonce_loss
 from fastmoco.kernels.chunked import infonce_chunked, infonce_rows_chunked

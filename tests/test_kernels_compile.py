@@ -6,7 +6,6 @@ TRITON_INTERPRET; in an interpreter process these tests skip.
 from __future__ import annotations
 
 import pytest
-
 from fastmoco.kernels import infonce as tri
 from fastmoco.kernels.launch import interpreter_active
 

@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmoco.evaluation.knn import (
-    extract_features, knn_accuracy, knn_neighbours, knn_predict, knn_topk, knn_vote, merge_topk,
+    extract_features,
+    knn_accuracy,
+    knn_neighbours,
+    knn_predict,
+    knn_topk,
+    knn_vote,
+    merge_topk,
 )
 
 CPU = torch.device("cpu")

@@ -14,10 +14,14 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from fastmoco.weights.checkpoint import list_checkpoints, load_checkpoint
 from fastmoco.evaluation.knn import (
-    distributed_knn_accuracy, knn_accuracy, knn_neighbours, knn_predict, recalibrate_bn_,
+    distributed_knn_accuracy,
+    knn_accuracy,
+    knn_neighbours,
+    knn_predict,
+    recalibrate_bn_,
 )
+from fastmoco.weights.checkpoint import list_checkpoints, load_checkpoint
 
 WORLD = 2
 CPU = torch.device("cpu")

@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_module
 from torch import nn
 
 from fastmoco.config import from_hydra
-from fastmoco.evaluation.config import EvalConfig, LinearConfig
 from fastmoco.evaluation.commands import linear_optimizer
+from fastmoco.evaluation.config import EvalConfig, LinearConfig
 from fastmoco.training.optim import LARS
 
 

@@ -9,6 +9,7 @@ import math
 import pytest
 import timm
 import torch
+from moco_v3_cases import DIM, HIDDEN, RESNET, SIZE, VIT, N
 from torch import nn
 
 from fastmoco import MoCo
@@ -16,7 +17,6 @@ from fastmoco.backbone import create_backbone, is_vit, sincos_2d
 from fastmoco.config import OptimConfig
 from fastmoco.training.optim import build_optimizer
 from fastmoco.training.schedules import momentum_at
-from moco_v3_cases import DIM, HIDDEN, N, RESNET, SIZE, VIT
 
 CPU = torch.device("cpu")
 DTYPE = torch.float64

@@ -7,13 +7,12 @@ import logging
 
 import pytest
 import torch
+from fastmoco.pipelines.recipes import get_recipe
+from moco_v3_cases import DIM, HIDDEN, RESNET, SIZE, VIT, N, make
 from torch import nn
 
 from fastmoco import MoCo
 from fastmoco.backbone import create_backbone
-from fastmoco.pipelines.recipes import get_recipe
-from moco_v3_cases import DIM, HIDDEN, N, RESNET, SIZE, VIT, make
-
 
 # --- SyncBatchNorm -------------------------------------------------------------------------
 

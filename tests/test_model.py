@@ -6,14 +6,17 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from fastmoco.kernels import flat_layout
 from torch import nn
 
 from fastmoco import MoCo
-from fastmoco.kernels import flat_layout
-from fastmoco.methods.batchnorm import (
-    SplitBatchNorm2d, convert_split_bn_, forward_in_splits, split_norms,
-)
 from fastmoco.distributed import batch_shuffle, batch_unshuffle
+from fastmoco.methods.batchnorm import (
+    SplitBatchNorm2d,
+    convert_split_bn_,
+    forward_in_splits,
+    split_norms,
+)
 from fastmoco.methods.queue import KeyQueue
 
 SMALL = dict(channels=(8, 16, 32, 64))

@@ -2,7 +2,6 @@
 from dataclasses import asdict
 
 import pytest
-
 from fastmoco.pipelines.recipes import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, ViewRecipe, get_recipe
 
 

@@ -12,16 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
-
+from fastmoco.pipelines import (
+    build_labelled_train_loader,
+    build_train_loader,
+    get_linear_recipe,
+    get_recipe,
+    scan_image_folder,
+    scan_webdataset,
+)
+from fastmoco.pipelines.webdataset import MemberReader
 from hydra import compose, initialize_config_module
 
-from fastmoco.weights.checkpoint import list_checkpoints, load_checkpoint
 from fastmoco.config import TrainConfig, from_hydra
-from fastmoco.pipelines import (build_labelled_train_loader, build_train_loader, get_linear_recipe, get_recipe,
-                                scan_image_folder, scan_webdataset)
-from fastmoco.pipelines.webdataset import MemberReader
-from fastmoco.training.position import RunPosition, epoch_batches
 from fastmoco.training.loop import train
+from fastmoco.training.position import RunPosition, epoch_batches
+from fastmoco.weights.checkpoint import list_checkpoints, load_checkpoint
 
 CPU = torch.device("cpu")
 BATCH, WORLD, RANK = 8, 2, 1  # 48 images: 3 batches per rank and epoch
@@ -206,7 +211,12 @@ def test_gpu_graphs_with_per_batch_states_pass_the_placement_check(labelled):
     """The states reach the random operators as CPU argument inputs: the GPU training graphs
     (serialized without CUDA) keep decode on "mixed" and every image operator on "gpu"."""
     pytest.importorskip("nvidia.dali")
-    from fastmoco.pipelines.dali_graph import FileReader, RandomStates, labelled_pipeline, two_view_pipeline
+    from fastmoco.pipelines.dali_graph import (
+        FileReader,
+        RandomStates,
+        labelled_pipeline,
+        two_view_pipeline,
+    )
     from fastmoco.pipelines.graph_check import check_gpu_graph, parse_pipeline
     from fastmoco.pipelines.seeds import dali_states
 

@@ -15,7 +15,10 @@ from torch import nn
 import fastmoco.methods.moco
 from fastmoco import MoCo
 from fastmoco.distributed import (
-    batch_shuffle, batch_shuffle_all_gather, batch_unshuffle, batch_unshuffle_all_gather,
+    batch_shuffle,
+    batch_shuffle_all_gather,
+    batch_unshuffle,
+    batch_unshuffle_all_gather,
 )
 
 # Images per process, shuffles compared, MoCo steps per run. With these seeds the trials' splits

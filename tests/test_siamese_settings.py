@@ -7,14 +7,13 @@ import io
 
 import pytest
 import torch
+from fastmoco.pipelines.recipes import get_recipe
+from siamese_cases import BYOL_TINY, DIM, HIDDEN, SIMSIAM_TINY, make, trainer_for, views
 from torch import nn
 
 from fastmoco.methods.byol import BYOL
 from fastmoco.methods.simsiam import SimSiam
-from fastmoco.pipelines.recipes import get_recipe
 from fastmoco.training.trainer import check_model_state
-from siamese_cases import BYOL_TINY, DIM, HIDDEN, SIMSIAM_TINY, make, trainer_for, views
-
 
 # --- heads -------------------------------------------------------------------------------------
 
@@ -94,8 +93,8 @@ def test_train_checkpoints_and_resumes_byol_exactly(tiny_cifar, tmp_path):
     import json
     import shutil
 
-    from fastmoco.weights.checkpoint import list_checkpoints, load_checkpoint
     from fastmoco.training.loop import train
+    from fastmoco.weights.checkpoint import list_checkpoints, load_checkpoint
     from fastmoco.weights.load import load_backbone
 
     common = ["method=byol", "backbone=resnet18_cifar", "+backbone.kwargs.channels=[8,16,32,64]",

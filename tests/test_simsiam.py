@@ -9,15 +9,12 @@ import math
 
 import pytest
 import torch
+from siamese_cases import DIM, PRED, SIMSIAM_TINY, STEPS, TOL, assert_same_state, trainer_for, views
 from torch import nn
 
 from fastmoco.config import TrainConfig
 from fastmoco.methods.simsiam import SimSiam, negative_cosine
 from fastmoco.training.trainer import Trainer
-from siamese_cases import (
-    DIM, PRED, SIMSIAM_TINY, STEPS, TOL, assert_same_state, trainer_for, views,
-)
-
 
 # --- SimSiam, re-derived ----------------------------------------------------------------------
 

@@ -11,11 +11,19 @@ import time
 from pathlib import Path
 
 import pytest
+from soak_driver import (
+    Event,
+    draw_plan,
+    finish,
+    invoke,
+    kill_all,
+    reference,
+    soak,
+    tiny_tree,
+    verify,
+)
 
 from fastmoco.weights.checkpoint import list_checkpoints
-from soak_driver import (
-    Event, draw_plan, finish, invoke, kill_all, reference, soak, tiny_tree, verify,
-)
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(),
                                 reason="finds a run's processes (torchrun's workers) in /proc")

@@ -1,9 +1,15 @@
 """Folder scanning, epoch sharding and the torchvision loaders (CPU, small batches)."""
 import pytest
 import torch
-
-from fastmoco.pipelines import (build_eval_loader, build_labelled_train_loader, build_train_loader, get_linear_recipe,
-                                get_recipe, scan_image_folder, shard_indices)
+from fastmoco.pipelines import (
+    build_eval_loader,
+    build_labelled_train_loader,
+    build_train_loader,
+    get_linear_recipe,
+    get_recipe,
+    scan_image_folder,
+    shard_indices,
+)
 from fastmoco.pipelines.recipes import CIFAR_MEAN, CIFAR_STD
 
 CPU = torch.device("cpu")
@@ -85,8 +91,8 @@ def test_eval_loader_covers_split_in_order(tiny_cifar):
 
 def test_eval_is_identity_on_32px(tiny_cifar):
     """32-px CIFAR: resize + center crop is the identity, so eval equals plain normalisation."""
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     files = scan_image_folder(tiny_cifar / "test", max_images=4)
     x, _ = next(iter(build_eval_loader("torchvision", files, 32, (0, 0, 0), (1, 1, 1), 4, device=CPU,
@@ -110,10 +116,9 @@ def test_eval_transform_resizes_to_256_then_crops_224(tmp_path):
     """224: the shorter side goes to 256 (not 224), then the center 224 is cut: the crop spans
     224/256 = 0.875 of the shorter side; identical to PIL's resize + crop."""
     import numpy as np
+    from fastmoco.pipelines.torchvision import eval_transform
     from PIL import Image
     from torchvision.transforms import v2 as T
-
-    from fastmoco.pipelines.torchvision import eval_transform
 
     resize, crop = eval_transform(224).transforms
     assert isinstance(resize, T.Resize) and resize.size == [256] and crop.size == (224, 224)

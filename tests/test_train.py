@@ -13,9 +13,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from fastmoco.weights.checkpoint import list_checkpoints, load_checkpoint
 from fastmoco.config import TrainConfig, apply_overrides, from_hydra
 from fastmoco.training.loop import train
+from fastmoco.weights.checkpoint import list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["backbone=resnet18_cifar", "+backbone.kwargs.channels=[8,16,32,64]", "pipeline=torchvision",
@@ -203,8 +203,8 @@ def test_time_budget_replans_on_the_pace_so_far(monkeypatch):
 def test_replan_keeps_the_lr_where_it_is():
     """A re-plan from 100 to 61 steps at step 50: the lr stays at its value, then follows the
     rest of the cosine to its end exactly at the new last step; the progress round-trips."""
-    from fastmoco.training.schedules import lr_at
     from fastmoco.training.position import RunPosition
+    from fastmoco.training.schedules import lr_at
 
     progress = RunPosition(step=50, total_steps=100)
     before = lr_at(*progress.schedule_position(), 1.0)

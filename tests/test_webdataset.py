@@ -6,13 +6,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from fastmoco.pipelines import (TwoViewRecipe, ViewRecipe, build_eval_loader, build_train_loader,
-                                get_recipe, is_webdataset, scan_webdataset)
-from fastmoco.pipelines.recipes import CIFAR_MEAN, CIFAR_STD
+from fastmoco.pipelines import (
+    TwoViewRecipe,
+    ViewRecipe,
+    build_eval_loader,
+    build_train_loader,
+    get_recipe,
+    is_webdataset,
+    scan_webdataset,
+)
 from fastmoco.pipelines.cache import cache_dir
+from fastmoco.pipelines.recipes import CIFAR_MEAN, CIFAR_STD
 from fastmoco.pipelines.webdataset import find_tars, read_index
+from PIL import Image
 
 CPU = torch.device("cpu")
 KINDS = ["dali", "torchvision"]

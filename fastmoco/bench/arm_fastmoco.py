@@ -6,11 +6,10 @@ from typing import Iterator
 
 import torch
 
-from fastmoco.data import build_loader
+from fastmoco.config import TrainConfig
+from fastmoco.data import build_loader, resolve_pipeline
 from fastmoco.runtime import local_runtime
 from fastmoco.training.trainer import build_trainer
-from fastmoco.config import TrainConfig
-from fastmoco.data import resolve_pipeline
 
 
 class FastMocoArm:

@@ -19,6 +19,14 @@ import copy
 from typing import Iterator, Sequence
 
 import torch
+from lightly.loss import NTXentLoss
+from lightly.models.modules import MoCoProjectionHead
+from lightly.models.utils import (
+    batch_shuffle,
+    batch_unshuffle,
+    deactivate_requires_grad,
+    update_momentum,
+)
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -26,12 +34,6 @@ from fastmoco.backbone import create_backbone, feature_dim
 from fastmoco.config import TrainConfig
 from fastmoco.pipelines.recipes import TwoViewRecipe
 from fastmoco.trace import phase
-
-from lightly.loss import NTXentLoss
-from lightly.models.modules import MoCoProjectionHead
-from lightly.models.utils import (
-    batch_shuffle, batch_unshuffle, deactivate_requires_grad, update_momentum,
-)
 
 
 class LightlyMoCo(nn.Module):

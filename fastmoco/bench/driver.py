@@ -22,20 +22,36 @@ from omegaconf import DictConfig
 from fastmoco.bench.arms import build_arm, synthetic_batches
 from fastmoco.bench.config import ArmDef, BenchConfig, CaseDef, split_config
 from fastmoco.bench.measure import (
-    ArmCeilings, PeakMemory, ceilings, finish, measure_stages, no_step, step_flops,
+    ArmCeilings,
+    PeakMemory,
+    ceilings,
+    finish,
+    measure_stages,
+    no_step,
+    step_flops,
 )
-from fastmoco.bench.turns import ArmFailed, child_setup, in_turns
 from fastmoco.bench.report import (
-    RESULT_COLUMNS, add_ratios, check_targets, format_table, plot, result_table, setting,
+    RESULT_COLUMNS,
+    add_ratios,
+    check_targets,
+    format_table,
+    plot,
+    result_table,
+    setting,
 )
 from fastmoco.bench.results import default_command, write_result
-from fastmoco.training.schedules import planned_steps
+from fastmoco.bench.turns import ArmFailed, child_setup, in_turns
 from fastmoco.config import LABELS, TrainConfig, apply_overrides
 from fastmoco.data import split_files
 from fastmoco.device import (
-    cpu_bf16_speedup, cpu_kind, cpu_prefers_bf16, precision_name, resolve_device,
+    cpu_bf16_speedup,
+    cpu_kind,
+    cpu_prefers_bf16,
+    precision_name,
+    resolve_device,
     resolve_precision,
 )
+from fastmoco.training.schedules import planned_steps
 
 log = logging.getLogger("fastmoco.bench")
 KERNELS_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"

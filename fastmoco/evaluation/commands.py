@@ -14,20 +14,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fastmoco.weights import checkpoint as ckpt
-from fastmoco.training import state as resume
-from fastmoco.runtime import Runtime, init_runtime, seed_process
-from fastmoco.evaluation.config import EvalConfig, LinearConfig
 from fastmoco.data import build_calibration_loader, build_feature_loaders, build_linear_loaders
 from fastmoco.device import autocast
 from fastmoco.distributed import gather_rows, is_distributed
+from fastmoco.evaluation.config import EvalConfig, LinearConfig
 from fastmoco.evaluation.knn import distributed_knn_accuracy, extract_features, recalibrate_bn_
-from fastmoco.training.metrics import MetricsWriter, ProgressBar, setup_logging
-from fastmoco.training.schedules import lr_at
-from fastmoco.training.optim import LARS, set_lr
 from fastmoco.evaluation.probe import linear_probe
+from fastmoco.runtime import Runtime, init_runtime, seed_process
+from fastmoco.training import state as resume
+from fastmoco.training.metrics import MetricsWriter, ProgressBar, setup_logging
+from fastmoco.training.optim import LARS, set_lr
 from fastmoco.training.position import RunPosition, epoch_batches
+from fastmoco.training.schedules import lr_at
 from fastmoco.training.stop import StopFlag
+from fastmoco.weights import checkpoint as ckpt
 from fastmoco.weights.load import BackboneInfo, load_backbone
 
 log = logging.getLogger("fastmoco")

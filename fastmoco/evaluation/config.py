@@ -6,7 +6,13 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from fastmoco.config import (
-    LR_SCHEDULES, DataConfig, KnnConfig, PipelineConfig, RunConfig, choose, register_schema,
+    LR_SCHEDULES,
+    DataConfig,
+    KnnConfig,
+    PipelineConfig,
+    RunConfig,
+    choose,
+    register_schema,
 )
 
 LINEAR_MODES = ("full", "cached")

@@ -7,12 +7,21 @@ import torch
 from torch import nn
 
 from fastmoco.backbone import feature_dim, is_vit
-from fastmoco.methods.batchnorm import convert_split_bn_, forward_in_splits, resolve_shuffle_bn, split_norms
 from fastmoco.distributed import (
-    batch_shuffle, batch_unshuffle, concat_all_gather, get_rank, get_world_size,
+    batch_shuffle,
+    batch_unshuffle,
+    concat_all_gather,
+    get_rank,
+    get_world_size,
+)
+from fastmoco.kernels import infonce_inbatch_loss, infonce_loss
+from fastmoco.methods.batchnorm import (
+    convert_split_bn_,
+    forward_in_splits,
+    resolve_shuffle_bn,
+    split_norms,
 )
 from fastmoco.methods.heads import projection_head, v3_predictor
-from fastmoco.kernels import infonce_inbatch_loss, infonce_loss
 from fastmoco.methods.queue import KeyQueue
 from fastmoco.methods.siamese import Siamese, StepOutput, build_backbone, normalize
 from fastmoco.trace import traced

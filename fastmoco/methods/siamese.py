@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmoco.backbone import adapt_vit_, create_backbone
-from fastmoco.methods.batchnorm import convert_sync_bn_
 from fastmoco.kernels import ema_update_, flatten_parameters_
+from fastmoco.methods.batchnorm import convert_sync_bn_
 from fastmoco.trace import traced
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,12 @@ from fastmoco.backbone import feature_dim
 from fastmoco.distributed import get_world_size
 from fastmoco.methods.heads import simsiam_predictor, simsiam_projector
 from fastmoco.methods.siamese import (
-    Siamese, StepOutput, build_backbone, cosine, inbatch_top1, resolve_sync_bn,
+    Siamese,
+    StepOutput,
+    build_backbone,
+    cosine,
+    inbatch_top1,
+    resolve_sync_bn,
 )
 from fastmoco.trace import traced
 

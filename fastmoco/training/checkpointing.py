@@ -17,12 +17,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from fastmoco.weights import checkpoint as ckpt
-from fastmoco.training import state as resume
-from fastmoco.training.trainer import Trainer
 from fastmoco.config import TrainConfig
 from fastmoco.distributed import AnyProcess
+from fastmoco.training import state as resume
 from fastmoco.training.position import RunPosition
+from fastmoco.training.trainer import Trainer
+from fastmoco.weights import checkpoint as ckpt
 
 log = logging.getLogger("fastmoco")
 

@@ -10,13 +10,13 @@ from typing import Optional
 
 import torch.nn.functional as F
 
-from fastmoco.runtime import Runtime
 from fastmoco.config import TrainConfig
 from fastmoco.data import build_knn_loaders
 from fastmoco.distributed import gather_rows
 from fastmoco.evaluation.knn import extract_features, knn_top1, recalibrate_bn_
-from fastmoco.methods.moco import MoCo
 from fastmoco.evaluation.probe import linear_probe
+from fastmoco.methods.moco import MoCo
+from fastmoco.runtime import Runtime
 
 log = logging.getLogger("fastmoco")
 

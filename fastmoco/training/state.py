@@ -10,11 +10,11 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from fastmoco.weights import checkpoint as ckpt
-from fastmoco.training.trainer import Trainer
 from fastmoco.config import QUEUE_VERSIONS, RunConfig, TrainConfig
 from fastmoco.distributed import broadcast_choice, get_rank, get_world_size, is_distributed
 from fastmoco.training.position import RunPosition
+from fastmoco.training.trainer import Trainer
+from fastmoco.weights import checkpoint as ckpt
 
 log = logging.getLogger("fastmoco")
 

@@ -3,7 +3,6 @@ config in one place: `fastmoco train`, `fastmoco bench` and the demo's autosizer
 through here, so what the bench times is what training runs."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +19,6 @@ from fastmoco.methods.simsiam import SimSiam
 from fastmoco.runtime import Runtime
 from fastmoco.trace import phase
 from fastmoco.training.optim import build_optimizer, param_groups, set_lr
-
-log = logging.getLogger("fastmoco")
 
 
 def build_model(cfg: TrainConfig, rt: Runtime) -> Siamese:

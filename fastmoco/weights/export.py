@@ -27,8 +27,15 @@ import torch
 from torch import nn
 
 from fastmoco.weights.load import (
-    ENCODERS, EXPORT_CONFIG, EXPORT_WEIGHTS, BackboneInfo, build_backbone, crop_pct, is_export_dir,
-    read_checkpoint, read_export,
+    ENCODERS,
+    EXPORT_CONFIG,
+    EXPORT_WEIGHTS,
+    BackboneInfo,
+    build_backbone,
+    crop_pct,
+    is_export_dir,
+    read_checkpoint,
+    read_export,
 )
 
 FORMATS = ("timm", "torchvision", "detectron2")
