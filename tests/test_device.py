@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from fastmoco import device
-from fastmoco.training import autosize
-from fastmoco.runtime import Runtime
 from fastmoco.config import TrainConfig
 from fastmoco.device import ISA_CAP_VARS, cpu_supports_bf16, resolve_precision
 from fastmoco.evaluation.knn import recalibrate_bn_
+from fastmoco.runtime import Runtime
+from fastmoco.training import autosize
 
 CPU = torch.device("cpu")
 RT = Runtime(CPU, torch.float32)
@@ -154,7 +154,7 @@ def test_autosize_times_the_real_step():
     cfg.data.name, cfg.data.image_size = "synthetic", 16
     cfg.schedule.batch_size, cfg.method.queue_size, cfg.method.bn_splits = 8, 64, 2
     cfg.run.compile = "off"
-    seconds = autosize.step_seconds(cfg, RT)
+    seconds = autosize.step_seconds(cfg, RT, seconds=1.0)
     assert 0 < seconds < 30
 
 
@@ -166,7 +166,7 @@ def test_autosize_times_the_step_with_its_data(monkeypatch):
     cfg.backbone.kwargs = {"channels": [8, 16, 32, 64]}
     cfg.data.name, cfg.data.image_size = "synthetic", 16
     cfg.schedule.batch_size, cfg.method.queue_size, cfg.method.bn_splits = 8, 64, 2
-    alone = autosize.step_seconds(cfg, RT)
+    alone = autosize.step_seconds(cfg, RT, seconds=1.0)
     real = autosize.build_loader
 
     class SlowLoader:
@@ -182,4 +182,4 @@ def test_autosize_times_the_step_with_its_data(monkeypatch):
                 yield batch
 
     monkeypatch.setattr(autosize, "build_loader", lambda c, rt: SlowLoader(real(c, rt), 0.3))
-    assert autosize.step_seconds(cfg, RT) >= alone + 0.2
+    assert autosize.step_seconds(cfg, RT, seconds=1.0) >= alone + 0.2

@@ -5,26 +5,31 @@ A CPU with fast native bf16 runs the CPU demo's ResNet-18 several times faster t
 so one fixed size either starves the slow machine of steps (MoCo's kNN first dips, then climbs)
 or leaves the fast one a needlessly small network. Each candidate is timed as the run will
 execute it: the run's own loader (its data pipeline shares the cores with the step), the run's
-own model, precision, memory format and optimizer, the median of several steps rather than the
-best. The budget counts training steps only (training/loop.py starts it after the first
+own model, precision, memory format and optimizer, the mean of many steps after a warm-up
+rather than the best one. The budget counts training steps only (training/loop.py starts it after the first
 evaluation), so the prediction is the number of steps the run will take."""
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import statistics
 import time
 from typing import Iterator, Optional
 
+from fastmoco.config import TrainConfig, apply_overrides
 from fastmoco.data import build_loader
+from fastmoco.distributed import broadcast_choice
 from fastmoco.runtime import Runtime
 from fastmoco.training.trainer import build_trainer
-from fastmoco.config import TrainConfig, apply_overrides
-from fastmoco.distributed import broadcast_choice
 
 log = logging.getLogger(__name__)
 
-WARMUP_STEPS, TIMED_STEPS = 3, 12
+# The first steps of a fresh model and pipeline run slower (allocations, primitive creation, the
+# pipeline's first batches): they are left out. Then steps are timed for TRIAL_SECONDS (at least
+# MIN_TIMED_STEPS): on a shared 2-core machine twenty steps' mean moved by ±20 % from one trial to
+# the next, and a fixed time gives the fast sizes more steps to average over.
+WARMUP_STEPS, MIN_TIMED_STEPS, TRIAL_SECONDS = 6, 20, 15.0
 # A size is taken only if it promises this much more than schedule.min_steps: a machine that
 # slows down after the trial then still gets the steps the size needs.
 MARGIN = 1.15
@@ -36,23 +41,27 @@ def _batches(loader) -> Iterator:
         yield from loader
 
 
-def step_seconds(cfg: TrainConfig, rt: Runtime) -> float:
-    """Seconds of a typical step of `cfg` in the run's loop: the median, over the timed steps, of
-    the time from one step's end to the next one's, the wait for the loader's batch included."""
+def step_seconds(cfg: TrainConfig, rt: Runtime, seconds: float = TRIAL_SECONDS) -> float:
+    """Seconds of a typical step of `cfg` in the run's loop: the mean, over the steps timed in
+    `seconds` after the warm-up, of the time from one step's end to the next one's, the wait for
+    the loader's batch included."""
     eager = apply_overrides(cfg, ["run.compile=off"], rt.world_size)  # a compile per candidate: minutes
     trainer = build_trainer(eager, rt, steps=0)  # the run's own build and step
     loader = build_loader(eager, rt)
     lr, m = cfg.optim.lr_for(cfg.schedule.batch_size), cfg.method.momentum
     times: list[float] = []
     last = time.perf_counter()
-    for i, (x_q, x_k) in enumerate(itertools.islice(_batches(loader), WARMUP_STEPS + TIMED_STEPS)):
+    for i, (x_q, x_k) in enumerate(_batches(loader)):
         trainer.step(x_q, x_k, lr, m).loss.item()  # .item(): wait for the device
         now = time.perf_counter()
         if i >= WARMUP_STEPS:
             times.append(now - last)
         last = now
-    del loader, trainer  # the pipeline's threads go before the next candidate is timed
-    return statistics.median(times)
+        if len(times) >= MIN_TIMED_STEPS and sum(times) >= seconds:
+            break
+    del loader, trainer
+    gc.collect()  # this candidate's pipeline and model go before the next one is timed
+    return statistics.fmean(times)
 
 
 def choose_size(cfg: TrainConfig, rt: Runtime,
