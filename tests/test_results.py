@@ -80,6 +80,8 @@ def test_machine_keeps_the_isa_caps(monkeypatch):
 @pytest.mark.parametrize("argv, command", [
     (["/work/.venv/bin/fastmoco", "bench", "bench.cases=[r18_cifar]"],
      "fastmoco bench 'bench.cases=[r18_cifar]'"),
+    # fastmoco.cli.main names the subcommand in argv[0] before hydra parses the rest
+    (["fastmoco bench", "bench.cases=[r18_cifar]"], "fastmoco bench 'bench.cases=[r18_cifar]'"),
     (["benchmarks/kernels.py", "--only", "infonce"], "python benchmarks/kernels.py --only infonce"),
 ])
 def test_default_command(monkeypatch, argv, command):
@@ -126,3 +128,25 @@ def test_document_from_results(tmp_path, monkeypatch, capsys):
 
 def test_committed_document_is_current():
     assert make_results().main(["--check"]) == 0, "run: python benchmarks/make_results.py"
+
+
+def test_demo_result_reads_a_runs_log_and_summary(tmp_path):
+    """benchmarks/demo_result.py takes the size the autosizer took, its predicted steps, the steps
+    run and the probe and kNN gains from a make-train run directory."""
+    spec = importlib.util.spec_from_file_location("demo_result", ROOT / "benchmarks" / "demo_result.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "cli.log").write_text(
+        "[2026-01-01 10:00:00,000][fastmoco.training.autosize][INFO] - size 1/2 (a=1): 0.300 s a "
+        "step with its data -> about 1500 steps in 7.5 min (takes it from 1724)\n"
+        "[2026-01-01 10:00:05,000][fastmoco.training.autosize][INFO] - size 2/2 (a=2): 0.150 s a "
+        "step with its data -> about 3000 steps in 7.5 min (takes it from 1724)\n"
+        "[2026-01-01 10:00:05,000][fastmoco.training.autosize][INFO] - sized by measurement: a=2\n"
+        "[2026-01-01 10:09:00,000][fastmoco][INFO] - checkpoint done\n")
+    summary = {"step": 2900, "probe_init": 30.0, "probe_final": 45.5, "knn_init": 28.0,
+               "knn_final": 40.0}
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 5.0}) + "\n"
+                                       + json.dumps({"summary": summary}) + "\n")
+    assert demo.run_row(run) == ["a=2", 3000, 2900, 30.0, 45.5, 15.5, 28.0, 40.0, 12.0, 9.0]

@@ -98,6 +98,8 @@ def default_command() -> str:
         if path.is_absolute() and path.is_relative_to(Path.cwd()):
             path = path.relative_to(Path.cwd())
         head = ["python", str(path)]
+    elif argv0.startswith("fastmoco "):  # the CLI names its subcommand in argv[0]: `fastmoco bench`
+        head = argv0.split()
     else:
         head = [Path(argv0).name]
     return shlex.join(head + sys.argv[1:])
