@@ -217,6 +217,7 @@ class ScheduleConfig:
     # measured step gives min_steps within the budget is used, else the last (fastmoco.training.autosize).
     sizes: list[list[str]] = field(default_factory=list)
     min_steps: int = 0
+    size_trial_seconds: float = 15.0  # each candidate size is timed this long, after a warm-up
 
     def __post_init__(self) -> None:
         choose("schedule.lr_schedule", self.lr_schedule, LR_SCHEDULES)
@@ -227,6 +228,9 @@ class ScheduleConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"schedule.{name}={value}: choose a positive step, or null")
+        if self.size_trial_seconds <= 0:
+            raise ValueError(f"schedule.size_trial_seconds={self.size_trial_seconds}: choose a "
+                             f"positive number of seconds")
         if self.sizes and (not self.time_budget_min or self.min_steps <= 0):
             raise ValueError("schedule.sizes needs schedule.time_budget_min and a positive "
                              "schedule.min_steps: set both, or schedule.sizes=[]")

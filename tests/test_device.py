@@ -153,8 +153,9 @@ def test_autosize_times_the_real_step():
     cfg.backbone.kwargs = {"channels": [8, 16, 32, 64]}
     cfg.data.name, cfg.data.image_size = "synthetic", 16
     cfg.schedule.batch_size, cfg.method.queue_size, cfg.method.bn_splits = 8, 64, 2
+    cfg.schedule.size_trial_seconds = 1.0
     cfg.run.compile = "off"
-    seconds = autosize.step_seconds(cfg, RT, seconds=1.0)
+    seconds = autosize.step_seconds(cfg, RT)
     assert 0 < seconds < 30
 
 
@@ -166,7 +167,8 @@ def test_autosize_times_the_step_with_its_data(monkeypatch):
     cfg.backbone.kwargs = {"channels": [8, 16, 32, 64]}
     cfg.data.name, cfg.data.image_size = "synthetic", 16
     cfg.schedule.batch_size, cfg.method.queue_size, cfg.method.bn_splits = 8, 64, 2
-    alone = autosize.step_seconds(cfg, RT, seconds=1.0)
+    cfg.schedule.size_trial_seconds = 1.0
+    alone = autosize.step_seconds(cfg, RT)
     real = autosize.build_loader
 
     class SlowLoader:
@@ -182,4 +184,4 @@ def test_autosize_times_the_step_with_its_data(monkeypatch):
                 yield batch
 
     monkeypatch.setattr(autosize, "build_loader", lambda c, rt: SlowLoader(real(c, rt), 0.3))
-    assert autosize.step_seconds(cfg, RT, seconds=1.0) >= alone + 0.2
+    assert autosize.step_seconds(cfg, RT) >= alone + 0.2

@@ -385,3 +385,19 @@ def test_the_readme_example_in_a_users_ddp_script_shuffles_bn_across_processes(t
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["shuffle_bn"] == "ddp" and got["ptr"] == WORLD * 4  # both processes' keys enqueued
     assert torch.isfinite(torch.tensor(got["loss"]))
+
+
+def test_two_processes_size_a_run_alike(tiny_cifar, tmp_path):
+    """The autosizer's trial stops on rank 0's clock: both processes time the same number of
+    steps (the step's collectives need them all) and take rank 0's size, then train."""
+    run_dir = tmp_path / "run"
+    sized = [f"data.root={tiny_cifar}", f"run.dir={run_dir}", "schedule.time_budget_min=0.05",
+             "schedule.min_steps=1", "schedule.size_trial_seconds=1",
+             "schedule.sizes=[['schedule.batch_size=16'],['schedule.batch_size=8']]"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(torchrun_train(2, sized, tmp_path), capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert "sized by measurement: schedule.batch_size=16" in log
+    assert "2 process(es), batch 8 per process" in log

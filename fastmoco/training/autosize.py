@@ -25,11 +25,12 @@ from fastmoco.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)
 
-# The first steps of a fresh model and pipeline run slower (allocations, primitive creation, the
-# pipeline's first batches): they are left out. Then steps are timed for TRIAL_SECONDS (at least
-# MIN_TIMED_STEPS): on a shared 2-core machine twenty steps' mean moved by ±20 % from one trial to
-# the next, and a fixed time gives the fast sizes more steps to average over.
-WARMUP_STEPS, MIN_TIMED_STEPS, TRIAL_SECONDS = 6, 20, 15.0
+# The first steps of a fresh model and pipeline run slower (allocations, primitive creation,
+# the pipeline's first batches): they are left out. Then steps are timed for
+# schedule.size_trial_seconds (at least MIN_TIMED_STEPS): on a shared 2-core machine twenty
+# steps' mean moved by ±20 % from one trial to the next, and a fixed time gives the fast sizes
+# more steps to average over.
+WARMUP_STEPS, MIN_TIMED_STEPS = 6, 20
 # A size is taken only if it promises this much more than schedule.min_steps: a machine that
 # slows down after the trial then still gets the steps the size needs.
 MARGIN = 1.15
@@ -41,10 +42,10 @@ def _batches(loader) -> Iterator:
         yield from loader
 
 
-def step_seconds(cfg: TrainConfig, rt: Runtime, seconds: float = TRIAL_SECONDS) -> float:
+def step_seconds(cfg: TrainConfig, rt: Runtime) -> float:
     """Seconds of a typical step of `cfg` in the run's loop: the mean, over the steps timed in
-    `seconds` after the warm-up, of the time from one step's end to the next one's, the wait for
-    the loader's batch included."""
+    schedule.size_trial_seconds after the warm-up, of the time from one step's end to the next
+    one's, the wait for the loader's batch included."""
     eager = apply_overrides(cfg, ["run.compile=off"], rt.world_size)  # a compile per candidate: minutes
     trainer = build_trainer(eager, rt, steps=0)  # the run's own build and step
     loader = build_loader(eager, rt)
@@ -57,7 +58,8 @@ def step_seconds(cfg: TrainConfig, rt: Runtime, seconds: float = TRIAL_SECONDS) 
         if i >= WARMUP_STEPS:
             times.append(now - last)
         last = now
-        if len(times) >= MIN_TIMED_STEPS and sum(times) >= seconds:
+        done = len(times) >= MIN_TIMED_STEPS and sum(times) >= cfg.schedule.size_trial_seconds
+        if broadcast_choice(int(done), rt.device):  # rank 0's clock: every process steps alike
             break
     del loader, trainer
     gc.collect()  # this candidate's pipeline and model go before the next one is timed
