@@ -147,7 +147,8 @@ def test_autosize_takes_the_first_size_that_gets_its_steps(monkeypatch):
         dataclasses.replace(cfg.schedule, time_budget_min=None)
 
 
-def test_autosize_times_the_real_step():
+def tiny_sized_config() -> TrainConfig:
+    """A narrow ResNet-18 on 16-px synthetic views, timed for one second a trial."""
     cfg = TrainConfig()
     cfg.backbone.name, cfg.backbone.cifar_stem = "resnet18", True
     cfg.backbone.kwargs = {"channels": [8, 16, 32, 64]}
@@ -155,19 +156,18 @@ def test_autosize_times_the_real_step():
     cfg.schedule.batch_size, cfg.method.queue_size, cfg.method.bn_splits = 8, 64, 2
     cfg.schedule.size_trial_seconds = 1.0
     cfg.run.compile = "off"
-    seconds = autosize.step_seconds(cfg, RT)
+    return cfg
+
+
+def test_autosize_times_the_real_step():
+    seconds = autosize.step_seconds(tiny_sized_config(), RT)
     assert 0 < seconds < 30
 
 
 def test_autosize_times_the_step_with_its_data(monkeypatch):
     """A size is judged by the loop the run executes: a loader that makes the step wait for its
-    batch (a data pipeline sharing the cores) counts in the step's time, the median of it."""
-    cfg = TrainConfig()
-    cfg.backbone.name, cfg.backbone.cifar_stem = "resnet18", True
-    cfg.backbone.kwargs = {"channels": [8, 16, 32, 64]}
-    cfg.data.name, cfg.data.image_size = "synthetic", 16
-    cfg.schedule.batch_size, cfg.method.queue_size, cfg.method.bn_splits = 8, 64, 2
-    cfg.schedule.size_trial_seconds = 1.0
+    batch (a data pipeline sharing the cores) counts in the step's time, the mean of it."""
+    cfg = tiny_sized_config()
     alone = autosize.step_seconds(cfg, RT)
     real = autosize.build_loader
 
