@@ -214,7 +214,8 @@ class ScheduleConfig:
     stop_at_step: Optional[int] = None
     time_budget_min: Optional[float] = None  # size the run to this many minutes of pretraining
     # Candidate sizes (dotted overrides, largest first) for a time-budgeted run: the first whose
-    # measured step gives min_steps within the budget is used, else the last (fastmoco.training.autosize).
+    # measured step gives min_steps within the budget is used, else the last
+    # (fastmoco.training.autosize).
     sizes: list[list[str]] = field(default_factory=list)
     min_steps: int = 0
     size_trial_seconds: float = 15.0  # each candidate size is timed this long, after a warm-up
@@ -252,8 +253,8 @@ class KnnConfig:
     # data's statistics. 0: the default statistics.
     init_bn_calibration_images: int = 2560
     batch_size: int = 512
-    # At init and at the end, also fit the cached linear probe (fastmoco.evaluation.probe) on the same
-    # train and test features: the linear figure of the run next to its kNN.
+    # At init and at the end, also fit the cached linear probe (fastmoco.evaluation.probe) on the
+    # same train and test features: the linear figure of the run next to its kNN.
     linear_probe: bool = False
 
     def __post_init__(self) -> None:

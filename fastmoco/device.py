@@ -75,16 +75,26 @@ def cpu_prefers_bf16() -> bool:
     return cpu_supports_bf16() and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+def _cpuinfo(key: str) -> str:
+    """The first `key` line's value in Linux /proc/cpuinfo ("" elsewhere, or without one)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return ""
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    return set(_cpuinfo("flags").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; "unknown" elsewhere)."""
+    return _cpuinfo("model name") or "unknown"
 
 
 def cpu_kind() -> str:

@@ -160,7 +160,8 @@ def _case_record(cfg: TrainConfig, cdef: CaseDef, bench: BenchConfig, device: to
 
 
 def _plan_arms(cfg: TrainConfig, cdef: CaseDef, bench: BenchConfig, modes: list[str],
-               device: torch.device) -> tuple[dict[str, list[dict]], dict[str, tuple[ArmDef, list[str]]]]:
+               device: torch.device
+               ) -> tuple[dict[str, list[dict]], dict[str, tuple[ArmDef, list[str]]]]:
     """(each arm's rows so far: a skipped arm's, with why; the arms to time, with their modes),
     in the bench's order."""
     by_arm: dict[str, list[dict]] = {}
@@ -282,7 +283,8 @@ def decide_precision(base: TrainConfig, device: torch.device) -> TrainConfig:
     (a CPU's bf16 timing could come out otherwise in each); an arm's own override still wins."""
     if base.run.precision != "auto":
         return base
-    return apply_overrides(base, [f"run.precision={precision_name(resolve_precision('auto', device))}"])
+    chosen = precision_name(resolve_precision("auto", device))
+    return apply_overrides(base, [f"run.precision={chosen}"])
 
 
 def run_bench(base: TrainConfig, bench: BenchConfig) -> dict[str, Any]:

@@ -21,24 +21,10 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
-from fastmoco.device import cpu_kind
+from fastmoco.device import ISA_CAP_VARS, cpu_kind, cpu_model
 
-# How the suite and the benchmarks make a CPU compute as a lesser kind; a figure taken under them
-# is that kind's figure, so they travel with it.
-ISA_CAP_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 FIELDS = ("name", "case", "machine", "commit", "command", "columns", "rows", "notes", "extra")
 SIGNIFICANT = 4  # digits kept in a float, and at least its first decimal
-
-
-def _cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo; "unknown" where there is none."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def machine(device_type: str = "cpu") -> dict[str, Any]:
@@ -46,7 +32,7 @@ def machine(device_type: str = "cpu") -> dict[str, Any]:
     device = "cpu"
     if device_type.startswith("cuda"):
         device = torch.cuda.get_device_name(torch.device(device_type))
-    return {"device": device, "cpu_model": _cpu_model(), "cpu_kind": cpu_kind(),
+    return {"device": device, "cpu_model": cpu_model(), "cpu_kind": cpu_kind(),
             "cores": os.cpu_count(), "torch": torch.__version__,
             "isa_caps": {k: os.environ[k] for k in ISA_CAP_VARS if k in os.environ}}
 

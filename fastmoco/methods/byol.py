@@ -61,7 +61,8 @@ class BYOL(Siamese):
                                   backbone_kwargs=backbone_kwargs)
         self.momentum = momentum  # τ_base, used when after_step is given none
         self.ema_backend = ema_backend
-        self.shuffle_bn = resolve_sync_bn(shuffle_bn, world_size or get_world_size(), device_type, "BYOL")
+        self.shuffle_bn = resolve_sync_bn(shuffle_bn, world_size or get_world_size(), device_type,
+                                          "BYOL")
         projector = byol_mlp(feature_dim(backbone), dim, mlp_hidden)  # g: 4096 hidden, 256 out
         predictor = byol_mlp(dim, dim, predictor_hidden or mlp_hidden)  # q: the same shape
         self._assemble(backbone, projector, predictor, momentum_encoder=True)

@@ -54,7 +54,8 @@ class SimSiam(Siamese):
         backbone = build_backbone(backbone, cifar_stem=cifar_stem, pos_embed=pos_embed,
                                   freeze_patch_embed=freeze_patch_embed,
                                   backbone_kwargs=backbone_kwargs)
-        self.shuffle_bn = resolve_sync_bn(shuffle_bn, world_size or get_world_size(), device_type, "SimSiam")
+        self.shuffle_bn = resolve_sync_bn(shuffle_bn, world_size or get_world_size(), device_type,
+                                          "SimSiam")
         projector = simsiam_projector(feature_dim(backbone), dim, mlp_hidden)
         predictor = simsiam_predictor(dim, predictor_hidden)
         self._assemble(backbone, projector, predictor, momentum_encoder=False)

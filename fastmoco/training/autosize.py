@@ -6,8 +6,8 @@ so one fixed size either starves the slow machine of steps (MoCo's kNN first dip
 or leaves the fast one a needlessly small network. Each candidate is timed as the run will
 execute it: the run's own loader (its data pipeline shares the cores with the step), the run's
 own model, precision, memory format and optimizer, the mean of many steps after a warm-up
-rather than the best one. The budget counts training steps only (training/loop.py starts it after the first
-evaluation), so the prediction is the number of steps the run will take."""
+rather than the best one. The budget counts training steps only (training/loop.py starts it
+after the first evaluation), so the prediction is the number of steps the run will take."""
 from __future__ import annotations
 
 import gc

@@ -1,6 +1,6 @@
 """The kNN monitor of a run: the random-init baseline, per-epoch and final kNN top-1. Every
-process measures on its own part of the bank and of the eval split (fastmoco.evaluation.knn merges the
-neighbours across processes) and records the same value. With knn.linear_probe the same
+process measures on its own part of the bank and of the eval split (fastmoco.evaluation.knn
+merges the neighbours across processes) and records the same value. With knn.linear_probe the same
 features also fit the cached linear probe (fastmoco.evaluation.probe), recorded as probe_<tag>."""
 from __future__ import annotations
 
